@@ -1,0 +1,74 @@
+//! # battlement
+//!
+//! Production middleware for `tower`: composable layers that any axum router, hyper
+//! service or tonic server stacks to become ready for real traffic.
+//!
+//! | module | what it does |
+//! |---|---|
+//! | [`rate_limit`] | GCRA rate limiting over several named policies, in memory or on Redis |
+//! | [`key`] | what layers key on: the client IP behind trusted proxies, a header, the principal |
+//! | [`reject`] | one refusal type, rendered as RFC 9457 problem+json or a gRPC status |
+//! | [`body`] | the response body every short-circuiting layer returns |
+//! | [`annotate`] | the per-request record layers write their decisions into |
+//! | [`principal`] | who the request is, for handlers and for other layers |
+//! | [`redis`] | shared Redis plumbing: one node or a cluster, timeouts, circuit breaker |
+//!
+//! Every stateful layer runs on an embedded in-memory backend by default, and on Redis (one
+//! node or a Redis Cluster, feature `redis`) when the service runs as several replicas.
+//! Refusals are always responses, never errors, so the layers fit axum's `Infallible`
+//! services; gRPC callers get trailers-only responses with the right status code.
+//!
+//! ```
+//! use axum::{Router, routing::get};
+//! use battlement::key::ClientIp;
+//! use battlement::rate_limit::{Quota, RateLimitLayer};
+//! use std::time::Duration;
+//!
+//! let per_ip = RateLimitLayer::builder()
+//!     .policy("per-minute", Quota::requests_per(600, Duration::from_secs(60)))
+//!     .key(ClientIp::new().trust_proxies(["10.0.0.0/8"]).unwrap())
+//!     .build()
+//!     .unwrap();
+//! let app: Router = Router::new()
+//!     .route("/products/{id}", get(|| async { "a product" }))
+//!     .layer(per_ip);
+//! # let _ = app;
+//! ```
+//!
+//! ## Layout
+//!
+//! Core modules (`body`, `reject`, `annotate`, `key`, `principal`, `redis`) never import a
+//! layer; layers never import each other. Each layer module is `layer.rs` (the `FooLayer`
+//! and its builder), `service.rs` (the `Foo` service), `future.rs` (its named
+//! `ResponseFuture`), and one file per backend behind one trait. Shared state is built
+//! when the layer is built and lives in an `Arc`, so cloning a layer, or axum calling
+//! `Layer::layer` once per route, shares it.
+//!
+//! ## Features
+//!
+//! - `rate-limit` (default): the [`rate_limit`] layer.
+//! - `redis`: the Redis backends and [`redis`] plumbing.
+//! - `axum`: [`key::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`.
+//! - `tonic`: [`key::ClientIp`] reads tonic's `TcpConnectInfo`.
+//! - `full`: all of them.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod annotate;
+pub mod body;
+pub mod key;
+pub mod principal;
+#[cfg(feature = "rate-limit")]
+pub mod rate_limit;
+#[cfg(feature = "redis")]
+pub mod redis;
+pub mod reject;
+
+pub use body::ResponseBody;
+pub use key::{ClientIp, KeyExtractor, RequestHead};
+pub use principal::Principal;
+#[cfg(feature = "rate-limit")]
+pub use rate_limit::{Quota, RateLimitLayer};
+pub use reject::Rejection;

@@ -1,0 +1,270 @@
+//! The generic cell rate algorithm over several policies at once, and the contract every
+//! backend obeys.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::policy::{Limit, MAX_POLICIES, Policies};
+use crate::annotate::LimitSource;
+
+/// The state of one policy after a decision.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyState {
+    /// Requests (of cost 1) left before this policy refuses.
+    pub remaining: u64,
+    /// Time until this policy's bucket is full again.
+    pub reset: Duration,
+    /// Whether this policy refused the request.
+    pub violated: bool,
+}
+
+/// A rate-limit decision over all of a layer's policies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether every policy allowed the request (and so it was charged on all of them).
+    pub allowed: bool,
+    /// When refused: how long until the same request would be allowed.
+    pub retry_after: Duration,
+    pub(crate) states: [PolicyState; MAX_POLICIES],
+    pub(crate) len: u8,
+    /// Where the decision came from.
+    pub source: LimitSource,
+}
+
+impl Decision {
+    /// The per-policy states, in the layer's policy order.
+    pub fn states(&self) -> &[PolicyState] {
+        &self.states[..usize::from(self.len)]
+    }
+
+    /// A decision that lets the request through without knowing any state.
+    pub(crate) fn pass(source: LimitSource, len: usize) -> Self {
+        Self {
+            allowed: true,
+            retry_after: Duration::ZERO,
+            states: [PolicyState::default(); MAX_POLICIES],
+            len: len as u8,
+            source,
+        }
+    }
+
+    /// The policy that decided: the first violated one, else the one with least left.
+    pub(crate) fn deciding(&self) -> Option<usize> {
+        let states = self.states();
+        if let Some(i) = states.iter().position(|s| s.violated) {
+            return Some(i);
+        }
+        (0..states.len()).min_by_key(|&i| states[i].remaining)
+    }
+}
+
+/// The store could not be asked, and the failure policy is to refuse.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("rate-limit store unavailable: {reason}")]
+pub struct Unavailable {
+    /// Why.
+    pub reason: Arc<str>,
+}
+
+/// A pending decision from a backend that must wait (for Redis).
+pub type CheckFuture = Pin<Box<dyn Future<Output = Result<Decision, Unavailable>> + Send>>;
+
+/// What a backend's [`Backend::check`] returns: a decision made at once (in memory, with
+/// no allocation), or one to wait for.
+pub enum Check {
+    /// Decided.
+    Ready(Result<Decision, Unavailable>),
+    /// To be awaited.
+    Pending(CheckFuture),
+}
+
+impl fmt::Debug for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Check::Ready(r) => f.debug_tuple("Ready").field(r).finish(),
+            Check::Pending(_) => f.write_str("Pending"),
+        }
+    }
+}
+
+/// Where a layer keeps its GCRA state. The in-memory and the Redis backends obey the same
+/// contract, proven by one test suite run against both:
+///
+/// - a request is allowed only if every policy allows it at cost `cost`, and only then is it
+///   charged on all of them;
+/// - a refused request changes nothing;
+/// - the decision reports, per policy, what is left and when the bucket is full again.
+pub trait Backend<K>: Send + Sync + 'static {
+    /// Checks and (if allowed) charges `key`.
+    #[doc(hidden)]
+    fn check(&self, layer: &str, key: &K, policies: &PoliciesRef<'_>, cost: u32) -> Check;
+}
+
+/// The policies of a layer, as a backend sees them.
+#[derive(Clone, Copy, Debug)]
+pub struct PoliciesRef<'a> {
+    pub(crate) inner: &'a Policies,
+}
+
+impl PoliciesRef<'_> {
+    /// The policy names, in order.
+    pub fn names(&self) -> &[Arc<str>] {
+        &self.inner.names
+    }
+
+    /// How many policies there are.
+    pub fn len(&self) -> usize {
+        self.inner.len
+    }
+
+    /// Whether there are none (never, for a built layer).
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+}
+
+/// Checks `cost` against every limit with theoretical arrival times `tats` (0 = a fresh
+/// bucket) at time `now` (nanoseconds, any consistent origin). Charges all limits if all
+/// allow it; changes nothing otherwise.
+pub(crate) fn check_all(
+    tats: &mut [u64],
+    limits: &[Limit],
+    now: u64,
+    cost: u32,
+    source: LimitSource,
+) -> Decision {
+    let mut next = [0u64; MAX_POLICIES];
+    let mut states = [PolicyState::default(); MAX_POLICIES];
+    let mut allowed = true;
+    let mut wait = 0u64;
+    for (i, limit) in limits.iter().enumerate() {
+        let tat = tats[i].max(now);
+        let new_tat = tat + u64::from(cost) * limit.interval_ns;
+        next[i] = new_tat;
+        let ahead = new_tat - now;
+        if ahead > limit.capacity_ns {
+            allowed = false;
+            states[i].violated = true;
+            wait = wait.max(ahead - limit.capacity_ns);
+        }
+    }
+    for (i, limit) in limits.iter().enumerate() {
+        let tat = if allowed { next[i] } else { tats[i].max(now) };
+        let used = tat - now;
+        states[i].remaining = limit.capacity_ns.saturating_sub(used) / limit.interval_ns;
+        states[i].reset = Duration::from_nanos(used);
+        if allowed {
+            tats[i] = next[i];
+        }
+    }
+    Decision {
+        allowed,
+        retry_after: Duration::from_nanos(wait),
+        states,
+        len: limits.len() as u8,
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rate_limit::Quota;
+
+    fn limit(count: u32, secs: u64, burst: Option<u32>) -> Limit {
+        let mut q = Quota::requests_per(count, Duration::from_secs(secs));
+        if let Some(b) = burst {
+            q = q.with_burst(b);
+        }
+        q.validate().unwrap()
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn burst_then_steady_rate() {
+        // 10 per second, burst 10: ten at once, then one every 100 ms.
+        let limits = [limit(10, 1, None)];
+        let mut tats = [0u64; 1];
+        let now = 5 * S;
+        for i in 0..10 {
+            let d = check_all(&mut tats, &limits, now, 1, LimitSource::Memory);
+            assert!(d.allowed, "request {i}");
+            assert_eq!(d.states()[0].remaining, 9 - i);
+        }
+        let d = check_all(&mut tats, &limits, now, 1, LimitSource::Memory);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, Duration::from_millis(100));
+        assert_eq!(d.states()[0].reset, Duration::from_secs(1));
+        // 99 ms later: still refused; 100 ms later: exactly one more.
+        assert!(!check_all(&mut tats, &limits, now + S / 10 - 1, 1, LimitSource::Memory).allowed);
+        assert!(check_all(&mut tats, &limits, now + S / 10, 1, LimitSource::Memory).allowed);
+        assert!(!check_all(&mut tats, &limits, now + S / 10, 1, LimitSource::Memory).allowed);
+        // After a full second idle the bucket is full again.
+        let d = check_all(&mut tats, &limits, now + 2 * S, 1, LimitSource::Memory);
+        assert_eq!(d.states()[0].remaining, 9);
+    }
+
+    #[test]
+    fn all_or_nothing_across_policies() {
+        // "burst": 5 per second; "daily": 7 per day.
+        let limits = [limit(5, 1, None), limit(7, 86_400, None)];
+        let mut tats = [0u64; 2];
+        let mut now = S;
+        let mut allowed = 0;
+        for _ in 0..20 {
+            if check_all(&mut tats, &limits, now, 1, LimitSource::Memory).allowed {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, 5, "burst policy caps the first second");
+        let before = tats;
+        // A refusal by the burst policy must not charge the daily one.
+        let d = check_all(&mut tats, &limits, now, 1, LimitSource::Memory);
+        assert!(!d.allowed && d.states()[0].violated && !d.states()[1].violated);
+        assert_eq!(tats, before);
+        assert_eq!(d.states()[1].remaining, 2);
+        // Over time only 2 more pass: the daily policy.
+        for _ in 0..10 {
+            now += S;
+            if check_all(&mut tats, &limits, now, 1, LimitSource::Memory).allowed {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, 7);
+    }
+
+    #[test]
+    fn cost_charges_several_units() {
+        let limits = [limit(10, 1, None)];
+        let mut tats = [0u64; 1];
+        let d = check_all(&mut tats, &limits, S, 4, LimitSource::Memory);
+        assert!(d.allowed);
+        assert_eq!(d.states()[0].remaining, 6);
+        assert!(check_all(&mut tats, &limits, S, 6, LimitSource::Memory).allowed);
+        let d = check_all(&mut tats, &limits, S, 3, LimitSource::Memory);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn smaller_burst_same_rate() {
+        let limits = [limit(100, 60, Some(2))];
+        let mut tats = [0u64; 1];
+        assert!(check_all(&mut tats, &limits, S, 1, LimitSource::Memory).allowed);
+        assert!(check_all(&mut tats, &limits, S, 1, LimitSource::Memory).allowed);
+        let d = check_all(&mut tats, &limits, S, 1, LimitSource::Memory);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, Duration::from_millis(600));
+    }
+
+    #[test]
+    fn divided_limit_for_local_fallback() {
+        let l = limit(100, 60, None).divided(4);
+        assert_eq!(l.burst(), 25);
+        assert_eq!(l.interval_ns, 2_400_000_000);
+    }
+}

@@ -1,0 +1,232 @@
+//! The in-memory backend: GCRA state per key in a sharded, bounded table.
+//!
+//! Why not `governor`'s keyed limiter: it charges one quota at a time, so several policies
+//! cannot be checked and charged all-or-nothing, and its keyed state grows without bound.
+//! This table keeps one small entry per key (a theoretical arrival time per policy, in a
+//! fixed array) and never holds more than `max_keys` entries:
+//!
+//! - an entry whose every bucket is full again carries no information, so it may go; such
+//!   idle entries are swept lazily, by the traffic that needs room, never by a thread;
+//! - when a shard is full of keys that are still being limited, no entry is dropped (that
+//!   would hand a fresh quota to a key under limitation); the new key is charged to one
+//!   shared *overflow* bucket instead, so it is still limited (annotated as
+//!   [`LimitSource::Overflow`]).
+
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::{Mutex, PoisonError};
+
+use hashbrown::HashTable;
+
+use super::gcra::{Backend, Check, Decision, PoliciesRef, check_all};
+use super::policy::{Limit, MAX_POLICIES};
+use crate::annotate::LimitSource;
+
+/// Default cap on the keys one in-memory limiter tracks.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
+const MAX_SHARDS: usize = 64;
+
+struct Entry<K> {
+    key: K,
+    hash: u64,
+    tats: [u64; MAX_POLICIES],
+}
+
+fn idle_at(tats: &[u64; MAX_POLICIES]) -> u64 {
+    tats.iter().copied().max().unwrap_or(0)
+}
+
+struct Shard<K> {
+    table: HashTable<Entry<K>>,
+    cap: usize,
+    /// No entry can be idle before this time (nanoseconds), so a sweep before it is useless.
+    next_sweep: u64,
+}
+
+impl<K> Shard<K> {
+    fn sweep(&mut self, now: u64) {
+        if now < self.next_sweep {
+            return;
+        }
+        let mut earliest = u64::MAX;
+        self.table.retain(|e| {
+            let at = idle_at(&e.tats);
+            if at <= now {
+                false
+            } else {
+                earliest = earliest.min(at);
+                true
+            }
+        });
+        self.next_sweep = earliest;
+    }
+}
+
+/// GCRA state in memory, bounded to a number of keys. Cheap to share: clone the layer.
+pub struct MemoryBackend<K> {
+    shards: Box<[Mutex<Shard<K>>]>,
+    shard_mask: usize,
+    hasher: RandomState,
+    overflow: Mutex<[u64; MAX_POLICIES]>,
+    base: tokio::time::Instant,
+    max_keys: usize,
+}
+
+impl<K> std::fmt::Debug for MemoryBackend<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBackend")
+            .field("max_keys", &self.max_keys)
+            .field("tracked_keys", &self.tracked_keys())
+            .finish()
+    }
+}
+
+impl<K> MemoryBackend<K> {
+    /// A table that tracks at most `max_keys` keys (at least 1).
+    pub fn new(max_keys: usize) -> Self {
+        let max_keys = max_keys.max(1);
+        // A power of two no larger than the cap, so every shard holds at least one key.
+        let shards = MAX_SHARDS.min(1 << max_keys.ilog2());
+        let per = max_keys / shards;
+        let extra = max_keys % shards;
+        let shards: Box<[_]> = (0..shards)
+            .map(|i| {
+                Mutex::new(Shard {
+                    table: HashTable::new(),
+                    cap: per + usize::from(i < extra),
+                    next_sweep: 0,
+                })
+            })
+            .collect();
+        Self {
+            shard_mask: shards.len() - 1,
+            shards,
+            hasher: RandomState::new(),
+            overflow: Mutex::new([0; MAX_POLICIES]),
+            base: tokio::time::Instant::now(),
+            max_keys,
+        }
+    }
+
+    /// How many keys are tracked now.
+    pub fn tracked_keys(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).table.len())
+            .sum()
+    }
+
+    /// The cap on tracked keys.
+    pub fn max_keys(&self) -> usize {
+        self.max_keys
+    }
+
+    fn now(&self) -> u64 {
+        // +1 so that 0 always means "a fresh bucket".
+        self.base.elapsed().as_nanos() as u64 + 1
+    }
+}
+
+impl<K> Default for MemoryBackend<K> {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_KEYS)
+    }
+}
+
+impl<K: Hash + Eq + Clone> MemoryBackend<K> {
+    pub(crate) fn decide(&self, key: &K, limits: &[Limit], cost: u32) -> Decision {
+        let now = self.now();
+        let hash = self.hasher.hash_one(key);
+        // hashbrown indexes buckets with the low bits and tags them with the top 7, so the
+        // shard comes from bits in between.
+        let shard = &self.shards[(hash >> 32) as usize & self.shard_mask];
+        let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = shard.table.find_mut(hash, |e| e.key == *key) {
+            return check_all(&mut entry.tats, limits, now, cost, LimitSource::Memory);
+        }
+        if shard.table.len() >= shard.cap {
+            shard.sweep(now);
+            if shard.table.len() >= shard.cap {
+                drop(shard);
+                let mut tats = self.overflow.lock().unwrap_or_else(PoisonError::into_inner);
+                return check_all(&mut *tats, limits, now, cost, LimitSource::Overflow);
+            }
+        }
+        let mut tats = [0; MAX_POLICIES];
+        let decision = check_all(&mut tats, limits, now, cost, LimitSource::Memory);
+        if decision.allowed {
+            shard.table.insert_unique(
+                hash,
+                Entry {
+                    key: key.clone(),
+                    hash,
+                    tats,
+                },
+                |e| e.hash,
+            );
+        }
+        decision
+    }
+}
+
+impl<K> Backend<K> for MemoryBackend<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    fn check(&self, _layer: &str, key: &K, policies: &PoliciesRef<'_>, cost: u32) -> Check {
+        Check::Ready(Ok(self.decide(key, policies.inner.limits(), cost)))
+    }
+}
+
+impl<K, B: Backend<K>> Backend<K> for std::sync::Arc<B> {
+    fn check(&self, layer: &str, key: &K, policies: &PoliciesRef<'_>, cost: u32) -> Check {
+        (**self).check(layer, key, policies, cost)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rate_limit::Quota;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_table_keeps_limited_keys_limited() {
+        let limits = [Quota::requests_per(3, Duration::from_secs(60))
+            .validate()
+            .unwrap()];
+        let backend = MemoryBackend::<u32>::new(1000);
+        // Key 0 uses up its quota.
+        for _ in 0..3 {
+            assert!(backend.decide(&0, &limits, 1).allowed);
+        }
+        assert!(!backend.decide(&0, &limits, 1).allowed);
+        // Ten times the cap in new keys.
+        let mut overflowed = 0;
+        for k in 1..=10_000u32 {
+            let d = backend.decide(&k, &limits, 1);
+            if d.source == LimitSource::Overflow {
+                overflowed += 1;
+            }
+        }
+        assert_eq!(backend.tracked_keys(), 1000);
+        assert!(overflowed > 0);
+        assert!(!backend.decide(&0, &limits, 1).allowed, "still limited");
+        // Once the buckets are full again, the idle keys make room.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        for k in 20_000..20_100u32 {
+            assert_eq!(backend.decide(&k, &limits, 1).source, LimitSource::Memory);
+        }
+        assert!(backend.tracked_keys() <= 1000);
+    }
+
+    #[test]
+    fn tiny_caps_work() {
+        let b = MemoryBackend::<u8>::new(1);
+        assert_eq!(b.shards.len(), 1);
+        let b = MemoryBackend::<u8>::new(100);
+        assert_eq!(b.shards.len(), 64);
+        let total: usize = b.shards.iter().map(|s| s.lock().unwrap().cap).sum();
+        assert_eq!(total, 100);
+    }
+}

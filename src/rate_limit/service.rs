@@ -1,0 +1,115 @@
+//! The [`RateLimit`] service.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Method, Request, Response};
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::gcra::{Backend, Check, PoliciesRef};
+use super::layer::Shared;
+use super::{Outcome, Settings};
+use crate::body::ResponseBody;
+use crate::key::{KeyExtractor, RequestHead};
+
+/// Rate-limits requests to the inner service. Made by [`super::RateLimitLayer`].
+pub struct RateLimit<S, X, Bk> {
+    inner: S,
+    shared: Arc<Shared<X, Bk>>,
+}
+
+impl<S, X, Bk> RateLimit<S, X, Bk> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<X, Bk>>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Clone, X, Bk> Clone for RateLimit<S, X, Bk> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, X, Bk> fmt::Debug for RateLimit<S, X, Bk> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .field("name", &self.shared.settings.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_preflight(head: &RequestHead<'_>) -> bool {
+    head.method == Method::OPTIONS
+        && head
+            .headers
+            .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+impl<S, X, Bk, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, X, Bk>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    X: KeyExtractor,
+    Bk: Backend<X::Key>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let shared = &*self.shared;
+        let settings: &Settings = &shared.settings;
+        let head = RequestHead::of(&req);
+
+        let skip = (!settings.count_preflight && is_preflight(&head))
+            || settings.exempt.as_ref().is_some_and(|exempt| exempt(&head));
+        let cost = match &settings.cost {
+            _ if skip => 0,
+            Some(cost) => cost(&head),
+            None => 1,
+        };
+        let key = if cost == 0 {
+            None
+        } else {
+            shared.extractor.extract(&head)
+        };
+        let Some(key) = key else {
+            return ResponseFuture::inner(self.inner.call(req), None);
+        };
+        if u64::from(cost) > settings.policies.max_cost {
+            let response = settings.refuse_impossible(&head);
+            return ResponseFuture::refused(response);
+        }
+
+        let policies = PoliciesRef {
+            inner: &settings.policies,
+        };
+        match shared.backend.check(&settings.name, &key, &policies, cost) {
+            Check::Ready(result) => match settings.outcome(result, &head) {
+                Outcome::Pass(headers) => ResponseFuture::inner(self.inner.call(req), headers),
+                Outcome::Refuse(response) => ResponseFuture::refused(response),
+            },
+            Check::Pending(check) => {
+                // The inner service that was driven to readiness goes into the future;
+                // a fresh clone stays here for the next call.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::checking(check, inner, req, shared.settings.clone())
+            }
+        }
+    }
+}

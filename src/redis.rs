@@ -1,0 +1,475 @@
+//! Shared Redis plumbing for every Redis backend in the crate.
+//!
+//! One [`RedisConfig`] describes a single node or a Redis Cluster; [`RedisStore::connect`]
+//! turns it into a cheaply cloned handle that every layer can share:
+//!
+//! - **multiplexed connections**: one pipelined connection per node (redis-rs
+//!   `ConnectionManager`, or the cluster connection), never a connection behind a mutex;
+//!   both reconnect by themselves;
+//! - **a per-call timeout** (50 ms by default): no request waits longer because Redis is slow;
+//! - **a circuit breaker**: after a run of failures (5 by default) calls fail at once for a
+//!   cool-down (1 s by default), then one probe call is let through to see whether Redis is
+//!   back;
+//! - **key namespacing**: every key starts with a prefix (`battlement` by default), and the
+//!   part that identifies the object is a hash tag (`battlement:rl:{client}`), so all the keys
+//!   of one object land in one cluster slot and multi-key scripts never fail with CROSSSLOT;
+//! - **scripts**: Lua scripts are sent once and run with `EVALSHA`; a `NOSCRIPT` answer (a
+//!   restarted or failed-over server) loads the script again and retries.
+//!
+//! ```no_run
+//! use battlement::redis::{RedisConfig, RedisStore};
+//! use std::time::Duration;
+//!
+//! # async fn run() -> Result<(), battlement::redis::StoreError> {
+//! // One node ...
+//! let store = RedisStore::connect(
+//!     RedisConfig::single("redis://127.0.0.1:6379/").timeout(Duration::from_millis(30)),
+//! ).await?;
+//! // ... or a cluster (a comma-separated list reads as one):
+//! let cluster = RedisStore::connect(RedisConfig::from_list("redis://10.0.0.1:7000,redis://10.0.0.2:7000")?).await?;
+//! assert_eq!(store.key("rl", &"203.0.113.7"), "battlement:rl:{203.0.113.7}");
+//! # let _ = cluster; Ok(()) }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Value};
+
+pub use redis::Script;
+
+/// How to reach Redis, and how long to wait for it.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    nodes: Vec<String>,
+    cluster: bool,
+    timeout: Duration,
+    connect_timeout: Duration,
+    prefix: String,
+    breaker_failures: u32,
+    breaker_cooldown: Duration,
+}
+
+/// Default per-call timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+
+impl RedisConfig {
+    /// One Redis node, for example `redis://127.0.0.1:6379/`.
+    pub fn single(url: impl Into<String>) -> Self {
+        Self::with_nodes(vec![url.into()], false)
+    }
+
+    /// A Redis Cluster, from one or more of its nodes.
+    pub fn cluster<I, T>(nodes: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        Self::with_nodes(nodes.into_iter().map(Into::into).collect(), true)
+    }
+
+    /// A comma-separated list: one URL is a single node, several are cluster nodes.
+    pub fn from_list(list: &str) -> Result<Self, StoreError> {
+        let nodes: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                if s.contains("://") {
+                    s.to_owned()
+                } else {
+                    format!("redis://{s}/")
+                }
+            })
+            .collect();
+        match nodes.len() {
+            0 => Err(StoreError::Config("no Redis URL given".into())),
+            1 => Ok(Self::with_nodes(nodes, false)),
+            _ => Ok(Self::with_nodes(nodes, true)),
+        }
+    }
+
+    fn with_nodes(nodes: Vec<String>, cluster: bool) -> Self {
+        Self {
+            nodes,
+            cluster,
+            timeout: DEFAULT_TIMEOUT,
+            connect_timeout: Duration::from_secs(1),
+            prefix: "battlement".into(),
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(1),
+        }
+    }
+
+    /// Longest wait for one call (default 50 ms). A call that takes longer fails with
+    /// [`StoreError::Timeout`] and counts as a failure for the circuit breaker.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Longest wait to open a connection (default 1 s).
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The prefix of every key (default `battlement`), to share a Redis between services.
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Opens the circuit after `failures` consecutive failures, for `cooldown`.
+    #[must_use]
+    pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.breaker_failures = failures.max(1);
+        self.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// Whether this configuration is for a cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// The per-call timeout.
+    pub fn call_timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// Why a Redis call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The call took longer than the configured timeout.
+    #[error("redis call timed out after {0:?}")]
+    Timeout(Duration),
+    /// The circuit breaker is open: recent calls failed, so this one was not tried.
+    #[error("redis circuit breaker is open")]
+    CircuitOpen,
+    /// Redis answered with an error, or the connection failed.
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The configuration is unusable.
+    #[error("redis configuration: {0}")]
+    Config(String),
+    /// Redis answered something the caller did not expect.
+    #[error("unexpected redis reply: {0}")]
+    Protocol(String),
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// A connection to Redis (one node or a cluster) that can be cloned freely: clones share
+/// one multiplexed connection. It implements redis-rs's `ConnectionLike`, so any redis-rs
+/// command runs on it.
+#[derive(Clone)]
+pub struct RedisConnection(Conn);
+
+impl fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Conn::Single(_) => f.write_str("RedisConnection::Single"),
+            Conn::Cluster(_) => f.write_str("RedisConnection::Cluster"),
+        }
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match &mut self.0 {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match &mut self.0 {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match &self.0 {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The state of a [`RedisStore`]'s circuit breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Calls go to Redis.
+    Closed,
+    /// Calls fail at once until the cool-down ends.
+    Open,
+}
+
+struct Breaker {
+    failures: AtomicU32,
+    /// Nanoseconds since `base` until which the circuit is open (0 = closed).
+    open_until: AtomicU64,
+    threshold: u32,
+    cooldown: Duration,
+    base: tokio::time::Instant,
+}
+
+impl Breaker {
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64 + 1
+    }
+
+    /// Whether a call may go ahead. When the cool-down is over, exactly one caller wins the
+    /// right to probe; the others keep failing fast until it reports back.
+    fn admit(&self) -> bool {
+        let until = self.open_until.load(Ordering::Acquire);
+        if until == 0 {
+            return true;
+        }
+        let now = self.now();
+        if now < until {
+            return false;
+        }
+        let next = now + self.cooldown.as_nanos() as u64;
+        self.open_until
+            .compare_exchange(until, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if self.open_until.load(Ordering::Relaxed) != 0 {
+            self.open_until.store(0, Ordering::Release);
+            tracing::info!("battlement: redis is reachable again; circuit breaker closed");
+        }
+    }
+
+    fn failure(&self) {
+        let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if n >= self.threshold {
+            let until = self.now() + self.cooldown.as_nanos() as u64;
+            if self.open_until.swap(until, Ordering::AcqRel) == 0 {
+                tracing::warn!(
+                    failures = n,
+                    "battlement: redis calls are failing; circuit breaker opened"
+                );
+            }
+        }
+    }
+
+    fn state(&self) -> BreakerState {
+        let until = self.open_until.load(Ordering::Acquire);
+        if until != 0 && self.now() < until {
+            BreakerState::Open
+        } else {
+            BreakerState::Closed
+        }
+    }
+}
+
+struct Inner {
+    conn: Conn,
+    config: RedisConfig,
+    breaker: Breaker,
+}
+
+/// A shared handle to Redis: connection, timeout, circuit breaker and key prefix.
+/// Clones share everything.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("config", &self.inner.config)
+            .field("breaker", &self.inner.breaker.state())
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// Connects to Redis. Fails if no connection can be opened now; once connected, the
+    /// store reconnects by itself after Redis goes away and comes back.
+    pub async fn connect(config: RedisConfig) -> Result<Self, StoreError> {
+        let conn = if config.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(config.nodes.clone())
+                .connection_timeout(config.connect_timeout)
+                .response_timeout(config.connect_timeout)
+                .retries(2)
+                .min_retry_wait(5)
+                .max_retry_wait(50)
+                .build()?;
+            let conn =
+                tokio::time::timeout(config.connect_timeout * 3, client.get_async_connection())
+                    .await
+                    .map_err(|_| StoreError::Timeout(config.connect_timeout * 3))??;
+            Conn::Cluster(conn)
+        } else {
+            let client = redis::Client::open(config.nodes[0].as_str())?;
+            let manager_config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(Some(config.connect_timeout))
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(5))
+                .set_max_delay(Duration::from_millis(100));
+            let conn = tokio::time::timeout(
+                config.connect_timeout * 2,
+                ConnectionManager::new_with_config(client, manager_config),
+            )
+            .await
+            .map_err(|_| StoreError::Timeout(config.connect_timeout * 2))??;
+            Conn::Single(conn)
+        };
+        let breaker = Breaker {
+            failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            threshold: config.breaker_failures,
+            cooldown: config.breaker_cooldown,
+            base: tokio::time::Instant::now(),
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                conn,
+                config,
+                breaker,
+            }),
+        })
+    }
+
+    /// The configuration this store was made from.
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.config
+    }
+
+    /// A clone of the shared connection (no new socket), for commands of your own. Calls
+    /// made on it bypass the timeout and the circuit breaker: use [`RedisStore::call`].
+    pub fn connection(&self) -> RedisConnection {
+        RedisConnection(self.inner.conn.clone())
+    }
+
+    /// The circuit breaker's state.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.breaker.state()
+    }
+
+    /// The key of object `id` of kind `kind`: `{prefix}:{kind}:{{id}}`. The id is the hash
+    /// tag, so every key made for one id is in one cluster slot.
+    pub fn key(&self, kind: &str, id: &dyn fmt::Display) -> String {
+        format!("{}:{}:{{{}}}", self.inner.config.prefix, kind, id)
+    }
+
+    /// Runs `call` on the shared connection under the timeout and the circuit breaker.
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(RedisConnection) -> Fut,
+        Fut: Future<Output = Result<T, redis::RedisError>>,
+    {
+        let breaker = &self.inner.breaker;
+        if !breaker.admit() {
+            return Err(StoreError::CircuitOpen);
+        }
+        let timeout = self.inner.config.timeout;
+        match tokio::time::timeout(timeout, call(self.connection())).await {
+            Ok(Ok(value)) => {
+                breaker.success();
+                Ok(value)
+            }
+            Ok(Err(err)) => {
+                // A script error is the caller's bug, not an outage.
+                if !matches!(err.kind(), redis::ErrorKind::Server(_)) || err.is_io_error() {
+                    breaker.failure();
+                } else {
+                    breaker.success();
+                }
+                Err(StoreError::Redis(err))
+            }
+            Err(_) => {
+                breaker.failure();
+                Err(StoreError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Runs `script` (EVALSHA, loading it again on NOSCRIPT) under the timeout and breaker.
+    pub async fn eval<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<T, StoreError> {
+        self.call(|mut conn| async move {
+            let mut invocation = script.prepare_invoke();
+            for key in keys {
+                invocation.key(*key);
+            }
+            for arg in args {
+                invocation.arg(*arg);
+            }
+            invocation.invoke_async(&mut conn).await
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_list_picks_single_or_cluster() {
+        let one = RedisConfig::from_list("redis://127.0.0.1:6379").unwrap();
+        assert!(!one.is_cluster());
+        let many = RedisConfig::from_list("127.0.0.1:7000, 127.0.0.1:7001").unwrap();
+        assert!(many.is_cluster());
+        assert_eq!(many.nodes[0], "redis://127.0.0.1:7000/");
+        assert!(RedisConfig::from_list(" , ").is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn breaker_opens_then_lets_one_probe_through() {
+        let b = Breaker {
+            failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            threshold: 3,
+            cooldown: Duration::from_secs(1),
+            base: tokio::time::Instant::now(),
+        };
+        for _ in 0..3 {
+            assert!(b.admit());
+            b.failure();
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(!b.admit());
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert!(b.admit(), "one probe after the cool-down");
+        assert!(!b.admit(), "only one probe");
+        b.success();
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(b.admit());
+    }
+}
