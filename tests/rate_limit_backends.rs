@@ -1,0 +1,558 @@
+//! One behaviour suite, run against the in-memory backend, one Redis node and a
+//! three-master Redis Cluster; then what only Redis has: replicas sharing one limit,
+//! one round trip per check, and what each failure policy does when Redis dies or stalls.
+
+#![cfg(all(feature = "rate-limit", feature = "redis"))]
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use battlement::annotate::{Annotation, LimitSource, Record};
+use battlement::body::ResponseBody;
+use battlement::key::Header;
+use battlement::rate_limit::{
+    DefaultBackend, FailurePolicy, Quota, RateLimitBuilder, RateLimitLayer, RedisBackend,
+};
+use battlement::redis::{RedisConfig, RedisStore};
+use bytes::Bytes;
+use http::header::HeaderName;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use support::{RedisCluster, RedisServer};
+use tower::util::BoxCloneService;
+use tower::{ServiceBuilder, ServiceExt};
+
+type Svc = BoxCloneService<Request<()>, Response<ResponseBody<Full<Bytes>>>, Infallible>;
+
+const KEY: HeaderName = HeaderName::from_static("x-key");
+
+#[derive(Clone)]
+enum Store {
+    Memory,
+    Redis(RedisStore, FailurePolicy),
+}
+
+impl Store {
+    fn label(&self) -> &'static str {
+        match self {
+            Store::Memory => "memory",
+            Store::Redis(s, _) if s.config().is_cluster() => "cluster",
+            Store::Redis(..) => "redis",
+        }
+    }
+
+    fn service(&self, builder: RateLimitBuilder<Header, DefaultBackend>) -> Svc {
+        let handler = tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        });
+        match self {
+            Store::Memory => {
+                let layer = builder.build().expect("valid layer");
+                BoxCloneService::new(ServiceBuilder::new().layer(layer).service(handler))
+            }
+            Store::Redis(store, failure) => {
+                let backend = RedisBackend::new(store.clone()).on_failure(*failure);
+                let layer = builder.backend(backend).build().expect("valid layer");
+                BoxCloneService::new(ServiceBuilder::new().layer(layer).service(handler))
+            }
+        }
+    }
+}
+
+fn builder(name: &str) -> RateLimitBuilder<Header, DefaultBackend> {
+    RateLimitLayer::builder().name(name).key(Header::new(KEY))
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: Bytes,
+    record: Record,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("problem+json body")
+    }
+    fn note(&self) -> &battlement::annotate::RateLimitNote {
+        self.record.rate_limits.last().expect("a rate-limit note")
+    }
+}
+
+async fn send(svc: &Svc, key: &str, extra: &[(&str, &str)]) -> Answer {
+    send_method(svc, Method::GET, key, extra).await
+}
+
+async fn send_method(svc: &Svc, method: Method, key: &str, extra: &[(&str, &str)]) -> Answer {
+    let annotation = Annotation::new();
+    let mut b = Request::builder()
+        .method(method)
+        .uri("/thing")
+        .header(KEY, key);
+    for (k, v) in extra {
+        b = b.header(*k, *v);
+    }
+    let mut req = b.body(()).unwrap();
+    req.extensions_mut().insert(annotation.clone());
+    // No request may hang, whatever the store does.
+    let res = tokio::time::timeout(Duration::from_secs(2), svc.clone().oneshot(req))
+        .await
+        .expect("the request completed in time")
+        .unwrap();
+    let (parts, body) = res.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+        record: annotation.snapshot(),
+    }
+}
+
+fn header<'a>(a: &'a Answer, name: &str) -> &'a str {
+    a.headers
+        .get(name)
+        .unwrap_or_else(|| panic!("missing header {name}"))
+        .to_str()
+        .unwrap()
+}
+
+/// A unique name per case and run, so cases never share state in one Redis.
+fn unique(case: &str, store: &Store) -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{case}-{}-{n}-{}", store.label(), std::process::id())
+}
+
+async fn burst_then_refuse(store: &Store) {
+    let svc = store.service(
+        builder(&unique("burst", store))
+            .policy("burst", Quota::requests_per(3, Duration::from_secs(60))),
+    );
+    for i in 0..3 {
+        let a = send(&svc, "alice", &[]).await;
+        assert_eq!(a.status, StatusCode::OK, "request {i}");
+        assert!(a.note().allowed);
+        assert_eq!(a.note().remaining, Some(2 - i));
+    }
+    let a = send(&svc, "alice", &[]).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&a, "content-type"), "application/problem+json");
+    let retry: u64 = header(&a, "retry-after").parse().unwrap();
+    assert!(
+        (19..=20).contains(&retry),
+        "retry-after {retry}: one request per 20 s, rounded up"
+    );
+    assert_eq!(header(&a, "ratelimit-policy"), "\"burst\";q=3;w=60");
+    assert!(header(&a, "ratelimit").starts_with("\"burst\";r=0;t="));
+    let doc = a.json();
+    assert_eq!(doc["status"], 429);
+    assert_eq!(
+        doc["type"],
+        "https://iana.org/assignments/http-problem-types#quota-exceeded"
+    );
+    assert_eq!(doc["violated-policies"], serde_json::json!(["burst"]));
+    assert!(!a.note().allowed);
+    assert_eq!(a.note().policy.as_deref(), Some("burst"));
+    // Other keys are untouched.
+    assert_eq!(send(&svc, "bob", &[]).await.status, StatusCode::OK);
+}
+
+async fn all_or_nothing(store: &Store) {
+    let svc = store.service(
+        builder(&unique("multi", store))
+            .policy("wide", Quota::requests_per(5, Duration::from_secs(60)))
+            .policy("narrow", Quota::requests_per(3, Duration::from_secs(60))),
+    );
+    for _ in 0..3 {
+        assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
+    }
+    // Refused by "narrow" three times: "wide" must not be charged for them.
+    for _ in 0..3 {
+        let a = send(&svc, "k", &[]).await;
+        assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(a.json()["violated-policies"], serde_json::json!(["narrow"]));
+        let limit = header(&a, "ratelimit");
+        assert!(
+            limit.starts_with("\"wide\";r=2;") && limit.contains("\"narrow\";r=0;"),
+            "{limit}"
+        );
+    }
+}
+
+async fn cost_per_request(store: &Store) {
+    let svc = store.service(
+        builder(&unique("cost", store))
+            .policy("p", Quota::requests_per(5, Duration::from_secs(60)))
+            .cost(|req| {
+                req.headers
+                    .get("x-cost")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(1)
+            }),
+    );
+    let a = send(&svc, "k", &[("x-cost", "3")]).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.note().remaining, Some(2));
+    assert_eq!(
+        send(&svc, "k", &[("x-cost", "3")]).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        send(&svc, "k", &[("x-cost", "2")]).await.status,
+        StatusCode::OK
+    );
+    // Cost 0 is not counted; a cost over the burst can never pass and gets no Retry-After.
+    assert_eq!(
+        send(&svc, "k", &[("x-cost", "0")]).await.status,
+        StatusCode::OK
+    );
+    let a = send(&svc, "fresh", &[("x-cost", "6")]).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(a.headers.get("retry-after").is_none());
+}
+
+async fn exemptions_and_preflight(store: &Store) {
+    let svc = store.service(
+        builder(&unique("exempt", store))
+            .policy("p", Quota::requests_per(1, Duration::from_secs(60)))
+            .exempt(|req| req.headers.contains_key("x-internal")),
+    );
+    for _ in 0..5 {
+        let a = send(&svc, "k", &[("x-internal", "1")]).await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert!(
+            a.record.rate_limits.is_empty(),
+            "exempt requests are not annotated"
+        );
+        let a = send_method(
+            &svc,
+            Method::OPTIONS,
+            "k",
+            &[("access-control-request-method", "POST")],
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "preflight not counted");
+    }
+    assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&svc, "k", &[]).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // A plain OPTIONS (not a preflight) counts.
+    assert_eq!(
+        send_method(&svc, Method::OPTIONS, "k", &[]).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // No key: not limited.
+    let handler_only = store.service(
+        builder(&unique("nokey", store))
+            .policy("p", Quota::requests_per(1, Duration::from_secs(60))),
+    );
+    for _ in 0..3 {
+        let req = Request::builder().uri("/").body(()).unwrap();
+        let res = handler_only.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+}
+
+async fn shadow_mode(store: &Store) {
+    let svc = store.service(
+        builder(&unique("shadow", store))
+            .policy("p", Quota::requests_per(2, Duration::from_secs(60)))
+            .shadow(true),
+    );
+    let mut refused_in_shadow = 0;
+    for _ in 0..6 {
+        let a = send(&svc, "k", &[]).await;
+        assert_eq!(a.status, StatusCode::OK, "shadow mode never refuses");
+        assert!(a.note().shadow);
+        if !a.note().allowed {
+            refused_in_shadow += 1;
+        }
+    }
+    assert_eq!(refused_in_shadow, 4);
+}
+
+async fn headers_on_success(store: &Store) {
+    let svc = store.service(
+        builder(&unique("hdrs", store))
+            .policy("p", Quota::requests_per(10, Duration::from_secs(60)))
+            .headers_on_success(true),
+    );
+    let a = send(&svc, "k", &[]).await;
+    assert_eq!(header(&a, "ratelimit-policy"), "\"p\";q=10;w=60");
+    assert_eq!(header(&a, "ratelimit"), "\"p\";r=9;t=6");
+    let a = send(&svc, "k", &[]).await;
+    assert_eq!(header(&a, "ratelimit"), "\"p\";r=8;t=12");
+}
+
+async fn refills_over_time(store: &Store) {
+    // 10 per second: after 350 ms, three more requests' worth has come back.
+    let svc = store.service(
+        builder(&unique("refill", store))
+            .policy("p", Quota::requests_per(10, Duration::from_secs(1))),
+    );
+    for _ in 0..10 {
+        assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        send(&svc, "k", &[]).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let mut allowed = 0;
+    for _ in 0..10 {
+        if send(&svc, "k", &[]).await.status == StatusCode::OK {
+            allowed += 1;
+        }
+    }
+    assert!((3..=4).contains(&allowed), "allowed {allowed} after 350 ms");
+}
+
+async fn many_keys(store: &Store) {
+    // Keys spread over every cluster slot range; each has its own bucket.
+    let svc = store.service(
+        builder(&unique("keys", store))
+            .policy("p", Quota::requests_per(1, Duration::from_secs(60))),
+    );
+    for k in 0..60 {
+        let key = format!("user-{k}");
+        assert_eq!(send(&svc, &key, &[]).await.status, StatusCode::OK);
+        assert_eq!(
+            send(&svc, &key, &[]).await.status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+}
+
+async fn suite(store: Store) {
+    burst_then_refuse(&store).await;
+    all_or_nothing(&store).await;
+    cost_per_request(&store).await;
+    exemptions_and_preflight(&store).await;
+    shadow_mode(&store).await;
+    headers_on_success(&store).await;
+    refills_over_time(&store).await;
+    many_keys(&store).await;
+}
+
+async fn connect(config: RedisConfig) -> RedisStore {
+    RedisStore::connect(config)
+        .await
+        .expect("connect to the test Redis")
+}
+
+#[tokio::test]
+async fn suite_memory() {
+    suite(Store::Memory).await;
+}
+
+#[tokio::test]
+async fn suite_one_redis_node() {
+    let server = RedisServer::start();
+    let store = connect(RedisConfig::single(server.url())).await;
+    suite(Store::Redis(store, FailurePolicy::Closed)).await;
+}
+
+#[tokio::test]
+async fn suite_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let store = connect(RedisConfig::cluster(cluster.urls())).await;
+    assert!(store.config().is_cluster());
+    suite(Store::Redis(store, FailurePolicy::Closed)).await;
+}
+
+#[tokio::test]
+async fn two_replicas_share_one_limit() {
+    let server = RedisServer::start();
+    // Two connections, two layers: two instances of the service.
+    let a = Store::Redis(
+        connect(RedisConfig::single(server.url())).await,
+        FailurePolicy::Closed,
+    );
+    let b = Store::Redis(
+        connect(RedisConfig::single(server.url())).await,
+        FailurePolicy::Closed,
+    );
+    let quota = Quota::requests_per(5, Duration::from_secs(60));
+    let svc_a = a.service(builder("shared").policy("p", quota));
+    let svc_b = b.service(builder("shared").policy("p", quota));
+    let mut allowed = 0;
+    for i in 0..12 {
+        let svc = if i % 2 == 0 { &svc_a } else { &svc_b };
+        let ans = send(svc, "client", &[]).await;
+        assert_eq!(ans.note().source, LimitSource::Redis);
+        if ans.status == StatusCode::OK {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 5, "one combined limit across both replicas");
+}
+
+#[tokio::test]
+async fn one_round_trip_per_check_and_keys_expire() {
+    let server = RedisServer::start();
+    let store = connect(RedisConfig::single(server.url())).await;
+    let svc = Store::Redis(store.clone(), FailurePolicy::Closed).service(
+        builder("trips")
+            .policy("a", Quota::requests_per(100, Duration::from_secs(60)))
+            .policy("b", Quota::requests_per(1000, Duration::from_secs(3600))),
+    );
+    // The first check loads the script (NOSCRIPT, SCRIPT LOAD, EVALSHA).
+    send(&svc, "k", &[]).await;
+    let calls = |name: &str| -> u64 {
+        let info = server.info("commandstats");
+        support::info_value(&info, &format!("cmdstat_{name}"))
+            .and_then(|v| v.split(',').next()?.strip_prefix("calls=")?.parse().ok())
+            .unwrap_or(0)
+    };
+    let total = || -> u64 {
+        server
+            .info("commandstats")
+            .lines()
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    };
+    // Commands the script runs inside Redis are counted too; they are not round trips.
+    let inside = |calls: &dyn Fn(&str) -> u64| {
+        ["time", "hmget", "hset", "pexpire"]
+            .iter()
+            .map(|c| calls(c))
+            .sum::<u64>()
+    };
+    let before_eval = calls("evalsha");
+    let before_inside = inside(&calls);
+    let before_total = total();
+    for _ in 0..20 {
+        send(&svc, "k", &[]).await;
+    }
+    assert_eq!(calls("evalsha") - before_eval, 20, "one EVALSHA per check");
+    let sent = (total() - before_total) - (inside(&calls) - before_inside);
+    // 20 EVALSHA, plus this test's own INFO calls counted by the second total (the one
+    // that took the first total, and the one that counted EVALSHA).
+    assert_eq!(sent, 22, "and nothing else was sent");
+
+    // The key expires when every bucket is full again (b: 21 requests of 3.6 s each).
+    let key = store.key("rl:trips", &"k");
+    let pttl: i64 = server.command(&["PTTL", &key]).trim().parse().unwrap();
+    assert!(pttl > 70_000 && pttl <= 75_601, "pttl {pttl}");
+
+    // A flushed script cache (restart, failover) is reloaded transparently.
+    server.command(&["SCRIPT", "FLUSH"]);
+    let a = send(&svc, "k", &[]).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.note().source, LimitSource::Redis);
+}
+
+fn fault_config(server: &RedisServer) -> RedisConfig {
+    RedisConfig::single(server.url())
+        .timeout(Duration::from_millis(50))
+        .circuit_breaker(3, Duration::from_millis(200))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_policies_when_redis_dies_and_comes_back() {
+    let mut server = RedisServer::start();
+    let store = connect(fault_config(&server)).await;
+    let quota = Quota::requests_per(4, Duration::from_secs(60));
+    let open = Store::Redis(store.clone(), FailurePolicy::Open)
+        .service(builder("open").policy("p", quota));
+    let closed = Store::Redis(store.clone(), FailurePolicy::Closed)
+        .service(builder("closed").policy("p", quota));
+    let local = Store::Redis(store.clone(), FailurePolicy::Local { replicas: 2 })
+        .service(builder("local").policy("p", quota));
+    for svc in [&open, &closed, &local] {
+        let a = send(svc, "k", &[]).await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(a.note().source, LimitSource::Redis);
+    }
+
+    server.stop();
+
+    for _ in 0..8 {
+        let a = send(&open, "k", &[]).await;
+        assert_eq!(
+            a.status,
+            StatusCode::OK,
+            "fail open lets everything through"
+        );
+        assert_eq!(a.note().source, LimitSource::FailOpen);
+    }
+    for _ in 0..3 {
+        let a = send(&closed, "k", &[]).await;
+        assert_eq!(
+            a.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fail closed refuses"
+        );
+        assert_eq!(header(&a, "retry-after"), "1");
+        assert_eq!(a.json()["status"], 503);
+        assert_eq!(a.note().source, LimitSource::FailClosed);
+    }
+    // Local: the quota of 4 split between 2 replicas is 2 per instance.
+    let mut allowed = 0;
+    for _ in 0..6 {
+        let a = send(&local, "k", &[]).await;
+        assert_eq!(a.note().source, LimitSource::LocalFallback);
+        if a.status == StatusCode::OK {
+            allowed += 1;
+        } else {
+            assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+        }
+    }
+    assert_eq!(allowed, 2);
+
+    server.restart();
+
+    // Back to Redis by itself: within a few breaker cool-downs, decisions come from Redis.
+    let mut back = false;
+    for _ in 0..100 {
+        let a = send(&closed, "k2", &[]).await;
+        if a.note().source == LimitSource::Redis {
+            assert_eq!(a.status, StatusCode::OK);
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "limiting resumed on Redis after it came back");
+    // The restarted Redis kept nothing, so the limit starts over there.
+    let a = send(&local, "k", &[]).await;
+    assert_eq!(a.note().source, LimitSource::Redis);
+    assert_eq!(a.note().remaining, Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_costs_at_most_the_timeout() {
+    let server = RedisServer::start();
+    let store = connect(fault_config(&server)).await;
+    let svc = Store::Redis(store.clone(), FailurePolicy::Local { replicas: 1 })
+        .service(builder("stall").policy("p", Quota::requests_per(100, Duration::from_secs(60))));
+    assert_eq!(send(&svc, "k", &[]).await.note().source, LimitSource::Redis);
+
+    server.pause(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        let a = send(&svc, "k", &[]).await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(a.note().source, LimitSource::LocalFallback);
+    }
+    // Five requests against a Redis that answers nothing for 3 s: each waited for the
+    // 50 ms timeout at most (or not at all, once the breaker opened), far from 3 s.
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        started.elapsed()
+    );
+    let _ = Arc::new(store);
+}
