@@ -354,11 +354,20 @@ impl DefaultRender {
         response
     }
 
-    /// The gRPC rendering: a trailers-only response.
-    pub fn grpc(rejection: &Rejection) -> Response<Bytes> {
+    /// The gRPC rendering: a trailers-only response. Its content type is the request's
+    /// (`application/grpc`, `application/grpc+proto`, `application/grpc-web`, ...), or
+    /// `application/grpc` when `request_content_type` is `None`.
+    pub fn grpc(
+        rejection: &Rejection,
+        request_content_type: Option<&HeaderValue>,
+    ) -> Response<Bytes> {
         let mut response = Response::new(Bytes::new());
         let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        let content_type = request_content_type
+            .filter(|v| v.as_bytes().starts_with(b"application/grpc"))
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("application/grpc"));
+        headers.insert(CONTENT_TYPE, content_type);
         headers.insert(
             "grpc-status",
             HeaderValue::from_static(rejection.grpc_code.as_str()),
@@ -380,7 +389,7 @@ impl DefaultRender {
 impl Render for DefaultRender {
     fn render(&self, rejection: &Rejection, request: &RequestHead<'_>) -> Response<Bytes> {
         if is_grpc(request.headers) {
-            Self::grpc(rejection)
+            Self::grpc(rejection, request.headers.get(CONTENT_TYPE))
         } else {
             Self::problem_json(rejection)
         }

@@ -212,6 +212,7 @@ async fn cost_per_request(store: &Store) {
     let a = send(&svc, "fresh", &[("x-cost", "6")]).await;
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(a.headers.get("retry-after").is_none());
+    assert_eq!(a.json()["violated-policies"], serde_json::json!(["p"]));
 }
 
 async fn exemptions_and_preflight(store: &Store) {

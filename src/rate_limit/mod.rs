@@ -240,9 +240,18 @@ impl Settings {
 
     /// A request whose cost exceeds a policy's burst can never pass: refuse it without a
     /// `Retry-After`, which would only invite a retry that fails again.
-    pub(crate) fn refuse_impossible(&self, head: &RequestHead<'_>) -> Response<Bytes> {
+    pub(crate) fn refuse_impossible(&self, head: &RequestHead<'_>, cost: u32) -> Response<Bytes> {
+        let violated: Vec<serde_json::Value> = self
+            .policies
+            .names
+            .iter()
+            .zip(self.policies.limits())
+            .filter(|(_, limit)| limit.burst() < u64::from(cost))
+            .map(|(n, _)| serde_json::Value::from(n.as_ref()))
+            .collect();
         Rejection::new(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests")
             .with_type(QUOTA_EXCEEDED)
+            .with_member("violated-policies", serde_json::Value::Array(violated))
             .with_detail(
                 "The request costs more than a policy's whole burst; it can never be allowed.",
             )

@@ -102,6 +102,7 @@ impl Limit {
         self.capacity_ns / self.interval_ns
     }
 
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn divided(&self, replicas: u32) -> Limit {
         let replicas = u64::from(replicas.max(1));
         let interval_ns = self.interval_ns.saturating_mul(replicas);

@@ -91,7 +91,7 @@ where
             return ResponseFuture::inner(self.inner.call(req), None);
         };
         if u64::from(cost) > settings.policies.max_cost {
-            let response = settings.refuse_impossible(&head);
+            let response = settings.refuse_impossible(&head, cost);
             return ResponseFuture::refused(response);
         }
 
