@@ -557,3 +557,83 @@ async fn a_stalled_redis_costs_at_most_the_timeout() {
     );
     let _ = Arc::new(store);
 }
+
+#[tokio::test(start_paused = true)]
+async fn memory_layer_follows_gcra_with_paused_time() {
+    // 6 per minute, burst 2: two at once, then one every 10 s.
+    let svc = Store::Memory.service(builder("paused").policy(
+        "p",
+        Quota::requests_per(6, Duration::from_secs(60)).with_burst(2),
+    ));
+    assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
+    assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
+    let a = send(&svc, "k", &[]).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&a, "retry-after"), "10");
+    assert_eq!(header(&a, "ratelimit-policy"), "\"p\";q=2;w=20");
+    tokio::time::advance(Duration::from_millis(9_999)).await;
+    let a = send(&svc, "k", &[]).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        header(&a, "retry-after"),
+        "1",
+        "1 ms left rounds up to a whole second"
+    );
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&svc, "k", &[]).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    tokio::time::advance(Duration::from_secs(20)).await;
+    let a = send(&svc, "k", &[]).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.note().remaining, Some(1), "full again after 20 s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_layer_stays_bounded_under_key_floods() {
+    let layer = RateLimitLayer::builder()
+        .name("bounded")
+        .key(Header::new(KEY))
+        .policy("p", Quota::requests_per(2, Duration::from_secs(60)))
+        .max_keys(500)
+        .build()
+        .unwrap();
+    let handler = tower::service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    let svc: Svc =
+        BoxCloneService::new(ServiceBuilder::new().layer(layer.clone()).service(handler));
+    // A key being limited ...
+    send(&svc, "victim", &[]).await;
+    send(&svc, "victim", &[]).await;
+    assert_eq!(
+        send(&svc, "victim", &[]).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // ... then ten times the cap in new keys.
+    let mut overflow = 0;
+    for k in 0..5_000 {
+        let a = send(&svc, &format!("flood-{k}"), &[]).await;
+        if a.note().source == LimitSource::Overflow {
+            overflow += 1;
+        }
+    }
+    assert_eq!(
+        layer.backend().tracked_keys(),
+        500,
+        "tracked keys stay at the cap"
+    );
+    assert!(
+        overflow > 4_000,
+        "new keys beyond the cap share the overflow bucket"
+    );
+    let a = send(&svc, "victim", &[]).await;
+    assert_eq!(
+        a.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the limited key stays limited"
+    );
+    assert_eq!(a.note().source, LimitSource::Memory);
+}
