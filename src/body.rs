@@ -47,8 +47,16 @@ pin_project! {
     #[derive(Debug)]
     enum Kind<B> {
         Inner { #[pin] body: B },
-        Buffered { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        // Boxed so that the enum is no larger than the inner body plus a tag: every
+        // response that passes through pays for the size of this enum.
+        Buffered { rest: Option<Box<Buffered>> },
     }
+}
+
+#[derive(Debug)]
+struct Buffered {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
 }
 
 impl<B> ResponseBody<B> {
@@ -61,33 +69,30 @@ impl<B> ResponseBody<B> {
 
     /// A body of `data`, held in memory.
     pub fn full(data: impl Into<Bytes>) -> Self {
-        let data = data.into();
-        Self {
-            kind: Kind::Buffered {
-                data: (!data.is_empty()).then_some(data),
-                trailers: None,
-            },
-        }
+        Self::buffered(data.into(), None)
     }
 
     /// An empty body.
     pub fn empty() -> Self {
         Self {
-            kind: Kind::Buffered {
-                data: None,
-                trailers: None,
-            },
+            kind: Kind::Buffered { rest: None },
         }
     }
 
     /// A body of `data` followed by `trailers` (for example a replayed gRPC response).
     pub fn with_trailers(data: impl Into<Bytes>, trailers: HeaderMap) -> Self {
-        let data = data.into();
-        Self {
-            kind: Kind::Buffered {
+        Self::buffered(data.into(), Some(trailers))
+    }
+
+    fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        let rest = (!data.is_empty() || trailers.is_some()).then(|| {
+            Box::new(Buffered {
                 data: (!data.is_empty()).then_some(data),
-                trailers: Some(trailers),
-            },
+                trailers,
+            })
+        });
+        Self {
+            kind: Kind::Buffered { rest },
         }
     }
 
@@ -116,11 +121,19 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
-            KindProj::Buffered { data, trailers } => {
-                if let Some(data) = data.take() {
+            KindProj::Buffered { rest } => {
+                let Some(buffered) = rest else {
+                    return Poll::Ready(None);
+                };
+                if let Some(data) = buffered.data.take() {
+                    if buffered.trailers.is_none() {
+                        *rest = None;
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                let trailers = buffered.trailers.take();
+                *rest = None;
+                Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
             }
         }
     }
@@ -128,16 +141,18 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
-            Kind::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
+            Kind::Buffered { rest } => rest.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
-            Kind::Buffered { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            Kind::Buffered { rest } => SizeHint::with_exact(
+                rest.as_ref()
+                    .and_then(|r| r.data.as_ref())
+                    .map_or(0, |d| d.len() as u64),
+            ),
         }
     }
 }

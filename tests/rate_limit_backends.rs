@@ -14,7 +14,7 @@ use battlement::annotate::{Annotation, LimitSource, Record};
 use battlement::body::ResponseBody;
 use battlement::key::Header;
 use battlement::rate_limit::{
-    DefaultBackend, FailurePolicy, Quota, RateLimitBuilder, RateLimitLayer, RedisBackend,
+    Clock, DefaultBackend, FailurePolicy, Quota, RateLimitBuilder, RateLimitLayer, RedisBackend,
 };
 use battlement::redis::{RedisConfig, RedisStore};
 use bytes::Bytes;
@@ -561,7 +561,7 @@ async fn a_stalled_redis_costs_at_most_the_timeout() {
 #[tokio::test(start_paused = true)]
 async fn memory_layer_follows_gcra_with_paused_time() {
     // 6 per minute, burst 2: two at once, then one every 10 s.
-    let svc = Store::Memory.service(builder("paused").policy(
+    let svc = Store::Memory.service(builder("paused").clock(Clock::tokio()).policy(
         "p",
         Quota::requests_per(6, Duration::from_secs(60)).with_burst(2),
     ));
@@ -598,6 +598,7 @@ async fn memory_layer_stays_bounded_under_key_floods() {
         .key(Header::new(KEY))
         .policy("p", Quota::requests_per(2, Duration::from_secs(60)))
         .max_keys(500)
+        .clock(Clock::tokio())
         .build()
         .unwrap();
     let handler = tower::service_fn(|_req: Request<()>| async {

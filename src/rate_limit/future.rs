@@ -17,6 +17,38 @@ use crate::key::RequestHead;
 
 pub(crate) type RateLimitHeaders = (HeaderValue, HeaderValue);
 
+pub(crate) struct Pending<S, ReqBody> {
+    check: CheckFuture,
+    call: Option<(S, Request<ReqBody>)>,
+    settings: Arc<Settings>,
+}
+
+impl<S, ReqBody> Pending<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    /// Waits for the backend, then calls the inner service or refuses. Kept out of line so
+    /// that the in-memory path's `poll` stays small.
+    #[inline(never)]
+    fn poll_decision(&mut self, cx: &mut Context<'_>) -> Poll<State<S, ReqBody>> {
+        let result = ready!(self.check.as_mut().poll(cx));
+        let (mut service, req) = self
+            .call
+            .take()
+            .expect("ResponseFuture polled after completion");
+        let next = match self.settings.outcome(result, &RequestHead::of(&req)) {
+            Outcome::Pass(headers) => State::Inner {
+                future: service.call(req),
+                headers,
+            },
+            Outcome::Refuse(response) => State::Refused {
+                response: Some(response),
+            },
+        };
+        Poll::Ready(next)
+    }
+}
+
 pin_project! {
     /// The response future of [`super::RateLimit`].
     pub struct ResponseFuture<S, ReqBody>
@@ -34,18 +66,18 @@ pin_project! {
     where
         S: Service<Request<ReqBody>>,
     {
+        // Boxed: only the Redis path waits, and the in-memory hot path should not move a
+        // future as large as a whole request around.
         Checking {
-            check: CheckFuture,
-            pending: Option<(S, Request<ReqBody>)>,
-            settings: Arc<Settings>,
+            pending: Box<Pending<S, ReqBody>>,
         },
         Inner {
             #[pin]
             future: S::Future,
-            headers: Option<RateLimitHeaders>,
+            headers: Option<Box<RateLimitHeaders>>,
         },
         Refused {
-            response: Option<Response<Bytes>>,
+            response: Option<Box<Response<Bytes>>>,
         },
     }
 }
@@ -54,13 +86,13 @@ impl<S, ReqBody> ResponseFuture<S, ReqBody>
 where
     S: Service<Request<ReqBody>>,
 {
-    pub(crate) fn inner(future: S::Future, headers: Option<RateLimitHeaders>) -> Self {
+    pub(crate) fn inner(future: S::Future, headers: Option<Box<RateLimitHeaders>>) -> Self {
         Self {
             state: State::Inner { future, headers },
         }
     }
 
-    pub(crate) fn refused(response: Response<Bytes>) -> Self {
+    pub(crate) fn refused(response: Box<Response<Bytes>>) -> Self {
         Self {
             state: State::Refused {
                 response: Some(response),
@@ -68,6 +100,7 @@ where
         }
     }
 
+    #[inline(never)]
     pub(crate) fn checking(
         check: CheckFuture,
         service: S,
@@ -76,9 +109,11 @@ where
     ) -> Self {
         Self {
             state: State::Checking {
-                check,
-                pending: Some((service, req)),
-                settings,
+                pending: Box::new(Pending {
+                    check,
+                    call: Some((service, req)),
+                    settings,
+                }),
             },
         }
     }
@@ -94,30 +129,14 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Checking {
-                    check,
-                    pending,
-                    settings,
-                } => {
-                    let result = ready!(check.as_mut().poll(cx));
-                    let (mut service, req) = pending
-                        .take()
-                        .expect("ResponseFuture polled after completion");
-                    let outcome = settings.outcome(result, &RequestHead::of(&req));
-                    let next = match outcome {
-                        Outcome::Pass(headers) => State::Inner {
-                            future: service.call(req),
-                            headers,
-                        },
-                        Outcome::Refuse(response) => State::Refused {
-                            response: Some(response),
-                        },
-                    };
+                StateProj::Checking { pending } => {
+                    let next = ready!(pending.poll_decision(cx));
                     this.state.set(next);
                 }
                 StateProj::Inner { future, headers } => {
                     let mut response = ready!(future.poll(cx))?;
-                    if let Some((policy, limit)) = headers.take() {
+                    if let Some(block) = headers.take() {
+                        let (policy, limit) = *block;
                         let h = response.headers_mut();
                         h.append(super::RATELIMIT_POLICY, policy);
                         h.append(super::RATELIMIT, limit);
@@ -128,7 +147,7 @@ where
                     let response = response
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    return Poll::Ready(Ok(response.map(ResponseBody::full)));
+                    return Poll::Ready(Ok((*response).map(ResponseBody::full)));
                 }
             }
         }

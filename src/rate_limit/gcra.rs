@@ -22,42 +22,93 @@ pub struct PolicyState {
 }
 
 /// A rate-limit decision over all of a layer's policies.
+///
+/// Kept compact (it is made on every request): per-policy figures are stored as plain
+/// arrays and handed out as [`PolicyState`]s on demand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
     /// Whether every policy allowed the request (and so it was charged on all of them).
     pub allowed: bool,
-    /// When refused: how long until the same request would be allowed.
-    pub retry_after: Duration,
-    pub(crate) states: [PolicyState; MAX_POLICIES],
-    pub(crate) len: u8,
     /// Where the decision came from.
     pub source: LimitSource,
+    len: u8,
+    /// Bit `i` set: policy `i` refused.
+    violated: u8,
+    retry_after_ns: u64,
+    remaining: [u64; MAX_POLICIES],
+    reset_ns: [u64; MAX_POLICIES],
 }
 
 impl Decision {
+    /// A decision from its parts (for backends): per policy `(remaining, reset, violated)`.
+    pub fn new(
+        allowed: bool,
+        retry_after: Duration,
+        states: impl IntoIterator<Item = PolicyState>,
+        source: LimitSource,
+    ) -> Self {
+        let mut d = Self::pass(source, 0);
+        d.allowed = allowed;
+        d.retry_after_ns = retry_after.as_nanos().min(u128::from(u64::MAX)) as u64;
+        for (i, state) in states.into_iter().take(MAX_POLICIES).enumerate() {
+            d.remaining[i] = state.remaining;
+            d.reset_ns[i] = state.reset.as_nanos().min(u128::from(u64::MAX)) as u64;
+            if state.violated {
+                d.violated |= 1 << i;
+            }
+            d.len = i as u8 + 1;
+        }
+        d
+    }
+
+    /// When refused: how long until the same request would be allowed.
+    pub fn retry_after(&self) -> Duration {
+        Duration::from_nanos(self.retry_after_ns)
+    }
+
+    /// How many policies the decision covers.
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    /// Whether it covers none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The state of policy `i` (in the layer's policy order).
+    pub fn state(&self, i: usize) -> PolicyState {
+        PolicyState {
+            remaining: self.remaining[i],
+            reset: Duration::from_nanos(self.reset_ns[i]),
+            violated: self.violated & (1 << i) != 0,
+        }
+    }
+
     /// The per-policy states, in the layer's policy order.
-    pub fn states(&self) -> &[PolicyState] {
-        &self.states[..usize::from(self.len)]
+    pub fn states(&self) -> impl Iterator<Item = PolicyState> + '_ {
+        (0..self.len()).map(|i| self.state(i))
     }
 
     /// A decision that lets the request through without knowing any state.
     pub(crate) fn pass(source: LimitSource, len: usize) -> Self {
         Self {
             allowed: true,
-            retry_after: Duration::ZERO,
-            states: [PolicyState::default(); MAX_POLICIES],
-            len: len as u8,
             source,
+            len: len as u8,
+            violated: 0,
+            retry_after_ns: 0,
+            remaining: [0; MAX_POLICIES],
+            reset_ns: [0; MAX_POLICIES],
         }
     }
 
     /// The policy that decided: the first violated one, else the one with least left.
     pub(crate) fn deciding(&self) -> Option<usize> {
-        let states = self.states();
-        if let Some(i) = states.iter().position(|s| s.violated) {
-            return Some(i);
+        if self.violated != 0 {
+            return Some(self.violated.trailing_zeros() as usize);
         }
-        (0..states.len()).min_by_key(|&i| states[i].remaining)
+        (0..self.len()).min_by_key(|&i| self.remaining[i])
     }
 }
 
@@ -129,44 +180,46 @@ impl PoliciesRef<'_> {
 /// Checks `cost` against every limit with theoretical arrival times `tats` (0 = a fresh
 /// bucket) at time `now` (nanoseconds, any consistent origin). Charges all limits if all
 /// allow it; changes nothing otherwise.
+#[inline]
 pub(crate) fn check_all(
-    tats: &mut [u64],
+    tats: &mut [u64; MAX_POLICIES],
     limits: &[Limit],
     now: u64,
     cost: u32,
     source: LimitSource,
 ) -> Decision {
+    let limits = &limits[..limits.len().min(MAX_POLICIES)];
     let mut next = [0u64; MAX_POLICIES];
-    let mut states = [PolicyState::default(); MAX_POLICIES];
-    let mut allowed = true;
+    let mut violated = 0u8;
     let mut wait = 0u64;
-    for (i, limit) in limits.iter().enumerate() {
-        let tat = tats[i].max(now);
-        let new_tat = tat + u64::from(cost) * limit.interval_ns;
-        next[i] = new_tat;
+    for (i, ((limit, tat), next)) in limits.iter().zip(tats.iter()).zip(&mut next).enumerate() {
+        let new_tat = (*tat).max(now) + u64::from(cost) * limit.interval_ns;
+        *next = new_tat;
         let ahead = new_tat - now;
         if ahead > limit.capacity_ns {
-            allowed = false;
-            states[i].violated = true;
+            violated |= 1 << i;
             wait = wait.max(ahead - limit.capacity_ns);
         }
     }
-    for (i, limit) in limits.iter().enumerate() {
-        let tat = if allowed { next[i] } else { tats[i].max(now) };
-        let used = tat - now;
-        states[i].remaining = limit.capacity_ns.saturating_sub(used) / limit.interval_ns;
-        states[i].reset = Duration::from_nanos(used);
-        if allowed {
-            tats[i] = next[i];
-        }
-    }
-    Decision {
+    let allowed = violated == 0;
+    let mut d = Decision {
         allowed,
-        retry_after: Duration::from_nanos(wait),
-        states,
-        len: limits.len() as u8,
         source,
+        len: limits.len() as u8,
+        violated,
+        retry_after_ns: wait,
+        remaining: [0; MAX_POLICIES],
+        reset_ns: [0; MAX_POLICIES],
+    };
+    for (i, ((limit, tat), next)) in limits.iter().zip(tats.iter_mut()).zip(next).enumerate() {
+        if allowed {
+            *tat = next;
+        }
+        let used = (*tat).max(now) - now;
+        d.remaining[i] = limit.capacity_ns.saturating_sub(used) / limit.interval_ns;
+        d.reset_ns[i] = used;
     }
+    d
 }
 
 #[cfg(test)]
@@ -188,31 +241,31 @@ mod tests {
     fn burst_then_steady_rate() {
         // 10 per second, burst 10: ten at once, then one every 100 ms.
         let limits = [limit(10, 1, None)];
-        let mut tats = [0u64; 1];
+        let mut tats = [0u64; MAX_POLICIES];
         let now = 5 * S;
         for i in 0..10 {
             let d = check_all(&mut tats, &limits, now, 1, LimitSource::Memory);
             assert!(d.allowed, "request {i}");
-            assert_eq!(d.states()[0].remaining, 9 - i);
+            assert_eq!(d.state(0).remaining, 9 - i);
         }
         let d = check_all(&mut tats, &limits, now, 1, LimitSource::Memory);
         assert!(!d.allowed);
-        assert_eq!(d.retry_after, Duration::from_millis(100));
-        assert_eq!(d.states()[0].reset, Duration::from_secs(1));
+        assert_eq!(d.retry_after(), Duration::from_millis(100));
+        assert_eq!(d.state(0).reset, Duration::from_secs(1));
         // 99 ms later: still refused; 100 ms later: exactly one more.
         assert!(!check_all(&mut tats, &limits, now + S / 10 - 1, 1, LimitSource::Memory).allowed);
         assert!(check_all(&mut tats, &limits, now + S / 10, 1, LimitSource::Memory).allowed);
         assert!(!check_all(&mut tats, &limits, now + S / 10, 1, LimitSource::Memory).allowed);
         // After a full second idle the bucket is full again.
         let d = check_all(&mut tats, &limits, now + 2 * S, 1, LimitSource::Memory);
-        assert_eq!(d.states()[0].remaining, 9);
+        assert_eq!(d.state(0).remaining, 9);
     }
 
     #[test]
     fn all_or_nothing_across_policies() {
         // "burst": 5 per second; "daily": 7 per day.
         let limits = [limit(5, 1, None), limit(7, 86_400, None)];
-        let mut tats = [0u64; 2];
+        let mut tats = [0u64; MAX_POLICIES];
         let mut now = S;
         let mut allowed = 0;
         for _ in 0..20 {
@@ -224,9 +277,9 @@ mod tests {
         let before = tats;
         // A refusal by the burst policy must not charge the daily one.
         let d = check_all(&mut tats, &limits, now, 1, LimitSource::Memory);
-        assert!(!d.allowed && d.states()[0].violated && !d.states()[1].violated);
+        assert!(!d.allowed && d.state(0).violated && !d.state(1).violated);
         assert_eq!(tats, before);
-        assert_eq!(d.states()[1].remaining, 2);
+        assert_eq!(d.state(1).remaining, 2);
         // Over time only 2 more pass: the daily policy.
         for _ in 0..10 {
             now += S;
@@ -240,25 +293,25 @@ mod tests {
     #[test]
     fn cost_charges_several_units() {
         let limits = [limit(10, 1, None)];
-        let mut tats = [0u64; 1];
+        let mut tats = [0u64; MAX_POLICIES];
         let d = check_all(&mut tats, &limits, S, 4, LimitSource::Memory);
         assert!(d.allowed);
-        assert_eq!(d.states()[0].remaining, 6);
+        assert_eq!(d.state(0).remaining, 6);
         assert!(check_all(&mut tats, &limits, S, 6, LimitSource::Memory).allowed);
         let d = check_all(&mut tats, &limits, S, 3, LimitSource::Memory);
         assert!(!d.allowed);
-        assert_eq!(d.retry_after, Duration::from_millis(300));
+        assert_eq!(d.retry_after(), Duration::from_millis(300));
     }
 
     #[test]
     fn smaller_burst_same_rate() {
         let limits = [limit(100, 60, Some(2))];
-        let mut tats = [0u64; 1];
+        let mut tats = [0u64; MAX_POLICIES];
         assert!(check_all(&mut tats, &limits, S, 1, LimitSource::Memory).allowed);
         assert!(check_all(&mut tats, &limits, S, 1, LimitSource::Memory).allowed);
         let d = check_all(&mut tats, &limits, S, 1, LimitSource::Memory);
         assert!(!d.allowed);
-        assert_eq!(d.retry_after, Duration::from_millis(600));
+        assert_eq!(d.retry_after(), Duration::from_millis(600));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::gcra::Backend;
-use super::memory::{DEFAULT_MAX_KEYS, MemoryBackend};
+use super::memory::{Clock, DEFAULT_MAX_KEYS, MemoryBackend};
 use super::policy::{Policies, Quota};
 use super::service::RateLimit;
 use super::{ConfigError, Settings};
@@ -56,6 +56,7 @@ impl RateLimitLayer {
             extractor: ClientIp::new(),
             backend: DefaultBackend,
             max_keys: DEFAULT_MAX_KEYS,
+            clock: Clock::default(),
             cost: None,
             exempt: None,
             count_preflight: false,
@@ -98,7 +99,7 @@ pub trait BackendChoice<K> {
     /// The backend.
     type Backend: Backend<K>;
     /// Makes it.
-    fn into_backend(self, max_keys: usize) -> Self::Backend;
+    fn into_backend(self, max_keys: usize, clock: Clock) -> Self::Backend;
 }
 
 impl<K> BackendChoice<K> for DefaultBackend
@@ -107,15 +108,15 @@ where
 {
     type Backend = MemoryBackend<K>;
 
-    fn into_backend(self, max_keys: usize) -> MemoryBackend<K> {
-        MemoryBackend::new(max_keys)
+    fn into_backend(self, max_keys: usize, clock: Clock) -> MemoryBackend<K> {
+        MemoryBackend::new(max_keys).with_clock(clock)
     }
 }
 
 impl<K, B: Backend<K>> BackendChoice<K> for Chosen<B> {
     type Backend = B;
 
-    fn into_backend(self, _max_keys: usize) -> B {
+    fn into_backend(self, _max_keys: usize, _clock: Clock) -> B {
         self.0
     }
 }
@@ -129,6 +130,7 @@ pub struct RateLimitBuilder<X, Bk> {
     extractor: X,
     backend: Bk,
     max_keys: usize,
+    clock: Clock,
     cost: Option<CostFn>,
     exempt: Option<ExemptFn>,
     count_preflight: bool,
@@ -165,28 +167,26 @@ impl<X, Bk> RateLimitBuilder<X, Bk> {
     /// Keys requests with `extractor` (default [`ClientIp`], trusting no proxy). Requests
     /// for which it has no key pass unlimited.
     pub fn key<X2: KeyExtractor>(self, extractor: X2) -> RateLimitBuilder<X2, Bk> {
-        RateLimitBuilder {
-            name: self.name,
-            policies: self.policies,
-            extractor,
-            backend: self.backend,
-            max_keys: self.max_keys,
-            cost: self.cost,
-            exempt: self.exempt,
-            count_preflight: self.count_preflight,
-            shadow: self.shadow,
-            headers_on_success: self.headers_on_success,
-        }
+        self.rebuild(|_| extractor, |backend| backend)
     }
 
     /// Keeps the state in `backend` (for example `RedisBackend`) instead of memory.
     pub fn backend<B2>(self, backend: B2) -> RateLimitBuilder<X, Chosen<B2>> {
+        self.rebuild(|extractor| extractor, |_| Chosen(backend))
+    }
+
+    fn rebuild<X2, B2>(
+        self,
+        extractor: impl FnOnce(X) -> X2,
+        backend: impl FnOnce(Bk) -> B2,
+    ) -> RateLimitBuilder<X2, B2> {
         RateLimitBuilder {
             name: self.name,
             policies: self.policies,
-            extractor: self.extractor,
-            backend: Chosen(backend),
+            extractor: extractor(self.extractor),
+            backend: backend(self.backend),
             max_keys: self.max_keys,
+            clock: self.clock,
             cost: self.cost,
             exempt: self.exempt,
             count_preflight: self.count_preflight,
@@ -198,6 +198,13 @@ impl<X, Bk> RateLimitBuilder<X, Bk> {
     /// Caps the keys the default in-memory backend tracks (default 100,000).
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys;
+        self
+    }
+
+    /// The clock of the default in-memory backend (default [`Clock::fast`]; use
+    /// [`Clock::tokio`] to control time in tests).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -266,7 +273,7 @@ impl<X, Bk> RateLimitBuilder<X, Bk> {
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
                 extractor: self.extractor,
-                backend: self.backend.into_backend(self.max_keys),
+                backend: self.backend.into_backend(self.max_keys, self.clock),
                 settings,
             }),
         })

@@ -19,8 +19,8 @@
 //!   task. **Redis** ([`RedisBackend`], feature `redis`): one Lua script and one round trip
 //!   per request, time from Redis `TIME`, works on Redis Cluster, and a [`FailurePolicy`]
 //!   for when Redis is gone.
-//! - Each decision goes into the request's [`Annotation`](crate::annotate::Annotation),
-//!   when there is one.
+//! - Each decision goes into the request's [`crate::annotate::Annotation`], when there is
+//!   one.
 //!
 //! ```
 //! use battlement::rate_limit::{Quota, RateLimitLayer};
@@ -74,7 +74,7 @@ use http::{HeaderValue, Response, StatusCode};
 pub use future::ResponseFuture;
 pub use gcra::{Backend, Check, CheckFuture, Decision, PoliciesRef, PolicyState, Unavailable};
 pub use layer::{BackendChoice, Chosen, DefaultBackend, RateLimitBuilder, RateLimitLayer};
-pub use memory::{DEFAULT_MAX_KEYS, MemoryBackend};
+pub use memory::{Clock, DEFAULT_MAX_KEYS, MemoryBackend};
 pub use policy::{FailurePolicy, MAX_POLICIES, Quota};
 #[cfg(feature = "redis")]
 pub use redis::RedisBackend;
@@ -131,8 +131,9 @@ pub(crate) struct Settings {
 }
 
 pub(crate) enum Outcome {
-    Pass(Option<future::RateLimitHeaders>),
-    Refuse(Response<Bytes>),
+    Pass(Option<Box<future::RateLimitHeaders>>),
+    // Boxed: the outcome is made on every request, a refusal on few.
+    Refuse(Box<Response<Bytes>>),
 }
 
 fn whole_seconds_up(d: Duration) -> u64 {
@@ -141,7 +142,7 @@ fn whole_seconds_up(d: Duration) -> u64 {
 
 impl Settings {
     fn ratelimit_header(&self, decision: &Decision) -> HeaderValue {
-        let mut out = String::with_capacity(32 * decision.states().len());
+        let mut out = String::with_capacity(32 * decision.len());
         for (name, state) in self.policies.names.iter().zip(decision.states()) {
             if !out.is_empty() {
                 out.push_str(", ");
@@ -168,7 +169,7 @@ impl Settings {
                     allowed: decision.allowed,
                     remaining: deciding
                         .filter(|_| known)
-                        .map(|i| decision.states()[i].remaining),
+                        .map(|i| decision.state(i).remaining),
                     shadow: self.shadow,
                     source: decision.source,
                 })
@@ -185,10 +186,8 @@ impl Settings {
         let decision = match result {
             Ok(decision) => decision,
             Err(unavailable) => {
-                let failed = Decision {
-                    allowed: false,
-                    ..Decision::pass(LimitSource::FailClosed, self.policies.len)
-                };
+                let mut failed = Decision::pass(LimitSource::FailClosed, self.policies.len);
+                failed.allowed = false;
                 self.annotate(head, &failed);
                 if self.shadow {
                     return Outcome::Pass(None);
@@ -199,21 +198,21 @@ impl Settings {
                         .with_detail("Rate limiting is temporarily unavailable; retry shortly.")
                         .with_header(RETRY_AFTER, HeaderValue::from_static("1"))
                         .with_grpc_metadata(GRPC_RETRY_PUSHBACK, HeaderValue::from_static("1000"));
-                return Outcome::Refuse(rejection.render(head));
+                return Outcome::Refuse(Box::new(rejection.render(head)));
             }
         };
         self.annotate(head, &decision);
         let known = !matches!(decision.source, LimitSource::FailOpen);
         if decision.allowed || self.shadow {
             let headers = (self.headers_on_success && known).then(|| {
-                (
+                Box::new((
                     self.policies.policy_header.clone(),
                     self.ratelimit_header(&decision),
-                )
+                ))
             });
             return Outcome::Pass(headers);
         }
-        Outcome::Refuse(self.refuse(&decision, head))
+        Outcome::Refuse(Box::new(self.refuse(&decision, head)))
     }
 
     fn refuse(&self, decision: &Decision, head: &RequestHead<'_>) -> Response<Bytes> {
@@ -225,8 +224,8 @@ impl Settings {
             .filter(|(_, s)| s.violated)
             .map(|(n, _)| serde_json::Value::from(n.as_ref()))
             .collect();
-        let seconds = whole_seconds_up(decision.retry_after).max(1);
-        let millis = decision.retry_after.as_micros().div_ceil(1000).max(1);
+        let seconds = whole_seconds_up(decision.retry_after()).max(1);
+        let millis = decision.retry_after().as_micros().div_ceil(1000).max(1);
         let rejection = Rejection::new(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests")
             .with_type(QUOTA_EXCEEDED)
             .with_detail(format!("Rate limit exceeded; retry in {seconds} s."))

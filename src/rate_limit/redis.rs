@@ -180,22 +180,20 @@ fn parse_reply(reply: &[i64], len: usize) -> Result<Decision, StoreError> {
             2 + 3 * len
         )));
     }
-    let mut states = [PolicyState::default(); MAX_POLICIES];
-    for (i, state) in states.iter_mut().enumerate().take(len) {
+    let states = (0..len).map(|i| {
         let base = 2 + 3 * i;
-        *state = PolicyState {
+        PolicyState {
             remaining: reply[base].max(0) as u64,
             reset: Duration::from_micros(reply[base + 1].max(0) as u64),
             violated: reply[base + 2] == 1,
-        };
-    }
-    Ok(Decision {
-        allowed: reply[0] == 1,
-        retry_after: Duration::from_micros(reply[1].max(0) as u64),
+        }
+    });
+    Ok(Decision::new(
+        reply[0] == 1,
+        Duration::from_micros(reply[1].max(0) as u64),
         states,
-        len: len as u8,
-        source: LimitSource::Redis,
-    })
+        LimitSource::Redis,
+    ))
 }
 
 impl<K> Backend<K> for RedisBackend<K>

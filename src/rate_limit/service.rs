@@ -11,6 +11,7 @@ use super::future::ResponseFuture;
 use super::gcra::{Backend, Check, PoliciesRef};
 use super::layer::Shared;
 use super::{Outcome, Settings};
+use crate::annotate::Annotation;
 use crate::body::ResponseBody;
 use crate::key::{KeyExtractor, RequestHead};
 
@@ -92,13 +93,21 @@ where
         };
         if u64::from(cost) > settings.policies.max_cost {
             let response = settings.refuse_impossible(&head, cost);
-            return ResponseFuture::refused(response);
+            return ResponseFuture::refused(Box::new(response));
         }
 
         let policies = PoliciesRef {
             inner: &settings.policies,
         };
         match shared.backend.check(&settings.name, &key, &policies, cost) {
+            // The common case, kept short: allowed, nothing to record, no headers to add.
+            Check::Ready(Ok(decision))
+                if decision.allowed
+                    && !settings.headers_on_success
+                    && Annotation::of(head.extensions).is_none() =>
+            {
+                ResponseFuture::inner(self.inner.call(req), None)
+            }
             Check::Ready(result) => match settings.outcome(result, &head) {
                 Outcome::Pass(headers) => ResponseFuture::inner(self.inner.call(req), headers),
                 Outcome::Refuse(response) => ResponseFuture::refused(response),
