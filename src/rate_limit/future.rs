@@ -23,6 +23,19 @@ pub(crate) struct Pending<S, ReqBody> {
     settings: Arc<Settings>,
 }
 
+impl<S, ReqBody> State<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    #[inline]
+    fn new_inner(future: S::Future, headers: Option<Box<RateLimitHeaders>>) -> Self {
+        match headers {
+            None => State::Inner { future },
+            headers => State::InnerWithHeaders { future, headers },
+        }
+    }
+}
+
 impl<S, ReqBody> Pending<S, ReqBody>
 where
     S: Service<Request<ReqBody>>,
@@ -37,10 +50,7 @@ where
             .take()
             .expect("ResponseFuture polled after completion");
         let next = match self.settings.outcome(result, &RequestHead::of(&req)) {
-            Outcome::Pass(headers) => State::Inner {
-                future: service.call(req),
-                headers,
-            },
+            Outcome::Pass(headers) => State::new_inner(service.call(req), headers),
             Outcome::Refuse(response) => State::Refused {
                 response: Some(response),
             },
@@ -74,6 +84,10 @@ pin_project! {
         Inner {
             #[pin]
             future: S::Future,
+        },
+        InnerWithHeaders {
+            #[pin]
+            future: S::Future,
             headers: Option<Box<RateLimitHeaders>>,
         },
         Refused {
@@ -86,9 +100,10 @@ impl<S, ReqBody> ResponseFuture<S, ReqBody>
 where
     S: Service<Request<ReqBody>>,
 {
+    #[inline]
     pub(crate) fn inner(future: S::Future, headers: Option<Box<RateLimitHeaders>>) -> Self {
         Self {
-            state: State::Inner { future, headers },
+            state: State::new_inner(future, headers),
         }
     }
 
@@ -133,7 +148,11 @@ where
                     let next = ready!(pending.poll_decision(cx));
                     this.state.set(next);
                 }
-                StateProj::Inner { future, headers } => {
+                StateProj::Inner { future } => {
+                    let response = ready!(future.poll(cx))?;
+                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                }
+                StateProj::InnerWithHeaders { future, headers } => {
                     let mut response = ready!(future.poll(cx))?;
                     if let Some(block) = headers.take() {
                         let (policy, limit) = *block;

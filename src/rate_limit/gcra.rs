@@ -126,6 +126,9 @@ pub type CheckFuture = Pin<Box<dyn Future<Output = Result<Decision, Unavailable>
 /// What a backend's [`Backend::check`] returns: a decision made at once (in memory, with
 /// no allocation), or one to wait for.
 pub enum Check {
+    /// Allowed and charged. Only when the caller asked for no details
+    /// ([`PoliciesRef::details`] is false): the in-memory hot path.
+    Allowed,
     /// Decided.
     Ready(Result<Decision, Unavailable>),
     /// To be awaited.
@@ -135,6 +138,7 @@ pub enum Check {
 impl fmt::Debug for Check {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Check::Allowed => f.write_str("Allowed"),
             Check::Ready(r) => f.debug_tuple("Ready").field(r).finish(),
             Check::Pending(_) => f.write_str("Pending"),
         }
@@ -158,9 +162,16 @@ pub trait Backend<K>: Send + Sync + 'static {
 #[derive(Clone, Copy, Debug)]
 pub struct PoliciesRef<'a> {
     pub(crate) inner: &'a Policies,
+    pub(crate) details: bool,
 }
 
 impl PoliciesRef<'_> {
+    /// Whether the caller needs the decision's details (remaining, reset) even when the
+    /// request is allowed. When false, a backend may answer [`Check::Allowed`].
+    pub fn details(&self) -> bool {
+        self.details
+    }
+
     /// The policy names, in order.
     pub fn names(&self) -> &[Arc<str>] {
         &self.inner.names
@@ -180,6 +191,22 @@ impl PoliciesRef<'_> {
 /// Checks `cost` against every limit with theoretical arrival times `tats` (0 = a fresh
 /// bucket) at time `now` (nanoseconds, any consistent origin). Charges all limits if all
 /// allow it; changes nothing otherwise.
+/// The hot path of [`check_all`]: charges all limits and returns true if all allow `cost`,
+/// changes nothing and returns false otherwise. No details are computed.
+#[inline]
+pub(crate) fn charge(tats: &mut [u64; MAX_POLICIES], limits: &[Limit], now: u64, cost: u32) -> bool {
+    let mut next = *tats;
+    for ((limit, tat), next) in limits.iter().zip(tats.iter()).zip(&mut next) {
+        let new_tat = (*tat).max(now) + u64::from(cost) * limit.interval_ns;
+        if new_tat - now > limit.capacity_ns {
+            return false;
+        }
+        *next = new_tat;
+    }
+    *tats = next;
+    true
+}
+
 #[inline]
 pub(crate) fn check_all(
     tats: &mut [u64; MAX_POLICIES],

@@ -13,11 +13,11 @@
 //!   [`LimitSource::Overflow`]).
 
 use std::hash::{BuildHasher, Hash};
-use std::sync::{Mutex, PoisonError};
+use parking_lot::Mutex;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
-use super::gcra::{Backend, Check, Decision, PoliciesRef, check_all};
+use super::gcra::{Backend, Check, Decision, PoliciesRef, charge, check_all};
 use super::policy::{Limit, MAX_POLICIES};
 use crate::annotate::LimitSource;
 
@@ -165,7 +165,7 @@ impl<K> MemoryBackend<K> {
     pub fn tracked_keys(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).table.len())
+            .map(|s| s.lock().table.len())
             .sum()
     }
 
@@ -182,27 +182,55 @@ impl<K> Default for MemoryBackend<K> {
 }
 
 impl<K: Hash + Eq + Clone> MemoryBackend<K> {
+    /// Checks and charges `key`, with every detail of the decision.
     pub(crate) fn decide(&self, key: &K, limits: &[Limit], cost: u32) -> Decision {
+        self.with_entry(key, |tats, now, source| {
+            let decision = check_all(tats, limits, now, cost, source);
+            (decision, decision.allowed)
+        })
+    }
+
+    /// Checks and charges `key`; `None` means allowed (no details made: the hot path),
+    /// `Some` a refusal with its details.
+    pub(crate) fn decide_quietly(&self, key: &K, limits: &[Limit], cost: u32) -> Option<Decision> {
+        self.with_entry(key, |tats, now, source| {
+            if charge(tats, limits, now, cost) {
+                (None, true)
+            } else {
+                (Some(check_all(tats, limits, now, cost, source)), false)
+            }
+        })
+    }
+
+    /// Runs `f` on the state of `key` (creating it when `f` allows the request, or
+    /// charging the overflow bucket when the table is full of keys still being limited).
+    /// `f` returns its result and whether the request was allowed.
+    #[inline]
+    fn with_entry<R>(
+        &self,
+        key: &K,
+        f: impl FnOnce(&mut [u64; MAX_POLICIES], u64, LimitSource) -> (R, bool),
+    ) -> R {
         let now = self.clock.now();
         let hash = self.hasher.hash_one(key);
         // hashbrown indexes buckets with the low bits and tags them with the top 7, so the
         // shard comes from bits in between.
         let shard = &self.shards[(hash >> 32) as usize & self.shard_mask];
-        let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut shard = shard.lock();
         if let Some(entry) = shard.table.find_mut(hash, |e| e.key == *key) {
-            return check_all(&mut entry.tats, limits, now, cost, LimitSource::Memory);
+            return f(&mut entry.tats, now, LimitSource::Memory).0;
         }
         if shard.table.len() >= shard.cap {
             shard.sweep(now);
             if shard.table.len() >= shard.cap {
                 drop(shard);
-                let mut tats = self.overflow.lock().unwrap_or_else(PoisonError::into_inner);
-                return check_all(&mut *tats, limits, now, cost, LimitSource::Overflow);
+                let mut tats = self.overflow.lock();
+                return f(&mut tats, now, LimitSource::Overflow).0;
             }
         }
         let mut tats = [0; MAX_POLICIES];
-        let decision = check_all(&mut tats, limits, now, cost, LimitSource::Memory);
-        if decision.allowed {
+        let (result, allowed) = f(&mut tats, now, LimitSource::Memory);
+        if allowed {
             shard.table.insert_unique(
                 hash,
                 Entry {
@@ -213,7 +241,7 @@ impl<K: Hash + Eq + Clone> MemoryBackend<K> {
                 |e| e.hash,
             );
         }
-        decision
+        result
     }
 }
 
@@ -222,7 +250,14 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
 {
     fn check(&self, _layer: &str, key: &K, policies: &PoliciesRef<'_>, cost: u32) -> Check {
-        Check::Ready(Ok(self.decide(key, policies.inner.limits(), cost)))
+        let limits = policies.inner.limits();
+        if policies.details {
+            return Check::Ready(Ok(self.decide(key, limits, cost)));
+        }
+        match self.decide_quietly(key, limits, cost) {
+            None => Check::Allowed,
+            Some(refusal) => Check::Ready(Ok(refusal)),
+        }
     }
 }
 
@@ -274,7 +309,7 @@ mod tests {
         assert_eq!(b.shards.len(), 1);
         let b = MemoryBackend::<u8>::new(100);
         assert_eq!(b.shards.len(), 64);
-        let total: usize = b.shards.iter().map(|s| s.lock().unwrap().cap).sum();
+        let total: usize = b.shards.iter().map(|s| s.lock().cap).sum();
         assert_eq!(total, 100);
     }
 }

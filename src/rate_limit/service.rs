@@ -98,16 +98,12 @@ where
 
         let policies = PoliciesRef {
             inner: &settings.policies,
+            // Details are for headers on allowed responses and for the annotation.
+            details: settings.headers_on_success || Annotation::of(head.extensions).is_some(),
         };
         match shared.backend.check(&settings.name, &key, &policies, cost) {
             // The common case, kept short: allowed, nothing to record, no headers to add.
-            Check::Ready(Ok(decision))
-                if decision.allowed
-                    && !settings.headers_on_success
-                    && Annotation::of(head.extensions).is_none() =>
-            {
-                ResponseFuture::inner(self.inner.call(req), None)
-            }
+            Check::Allowed => ResponseFuture::inner(self.inner.call(req), None),
             Check::Ready(result) => match settings.outcome(result, &head) {
                 Outcome::Pass(headers) => ResponseFuture::inner(self.inner.call(req), headers),
                 Outcome::Refuse(response) => ResponseFuture::refused(response),
