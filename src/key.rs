@@ -25,7 +25,7 @@
 //! req.extensions_mut().insert(PeerAddr("10.0.0.1:443".parse().unwrap()));
 //! assert_eq!(
 //!     client_ip.extract(&RequestHead::of(&req)),
-//!     Some(ClientKey::Ip("203.0.113.7".parse().unwrap()))
+//!     Some(ClientKey::ip("203.0.113.7".parse().unwrap()))
 //! );
 //!
 //! // From an untrusted peer the header is ignored: it could say anything.
@@ -316,21 +316,56 @@ pub enum ProxyHeader {
     Forwarded,
 }
 
-/// The client of a request, as [`ClientIp`] found it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ClientKey {
-    /// The client address, IPv6 masked to the configured prefix.
-    Ip(IpAddr),
-    /// No usable address: every such request shares this one key.
-    Unknown,
+/// The client of a request, as [`ClientIp`] found it: an address (IPv6 masked to the
+/// configured prefix), or "unknown".
+///
+/// Sixteen bytes, with no padding: the in-memory limiters keep one per tracked client.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    /// The address as IPv6 (IPv4 mapped); the unspecified address `::` stands for
+    /// "unknown", which no real client has.
+    bits: [u8; 16],
+}
+
+impl ClientKey {
+    /// The key of every request without a usable address.
+    pub const UNKNOWN: ClientKey = ClientKey { bits: [0; 16] };
+
+    /// The key of address `ip` (as given: not masked again).
+    pub fn ip(ip: IpAddr) -> Self {
+        let v6 = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        ClientKey { bits: v6.octets() }
+    }
+
+    /// The address, or `None` for [`ClientKey::UNKNOWN`].
+    pub fn addr(&self) -> Option<IpAddr> {
+        if *self == Self::UNKNOWN {
+            return None;
+        }
+        Some(IpAddr::V6(Ipv6Addr::from(self.bits)).to_canonical())
+    }
+
+    /// Whether this is the shared key of requests without an address.
+    pub fn is_unknown(&self) -> bool {
+        *self == Self::UNKNOWN
+    }
 }
 
 impl fmt::Display for ClientKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ClientKey::Ip(ip) => write!(f, "{ip}"),
-            ClientKey::Unknown => f.write_str("unknown"),
+        match self.addr() {
+            Some(ip) => write!(f, "{ip}"),
+            None => f.write_str("unknown"),
         }
+    }
+}
+
+impl fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClientKey({self})")
     }
 }
 
@@ -351,7 +386,7 @@ type PeerLookup = Arc<dyn Fn(&Extensions) -> Option<IpAddr> + Send + Sync>;
 /// - IPv6 addresses are masked to a prefix (`/64` by default, since one subscriber gets a
 ///   whole /64), IPv4-mapped IPv6 addresses count as IPv4.
 /// - A request with no usable address at all (no peer address recorded) gets
-///   [`ClientKey::Unknown`]: all such requests share one key, so they are limited together
+///   [`ClientKey::UNKNOWN`]: all such requests share one key, so they are limited together
 ///   rather than failing. A warning is logged once, because it usually means the server was
 ///   not set up to record peer addresses (`into_make_service_with_connect_info` in axum).
 #[derive(Clone)]
@@ -459,12 +494,13 @@ impl ClientIp {
     }
 
     fn peer(&self, ext: &Extensions) -> Option<IpAddr> {
-        if let Some(PeerAddr(addr)) = ext.get::<PeerAddr>() {
-            return Some(addr.ip());
-        }
+        // With the `axum` feature, axum's record is the likely one: look there first.
         #[cfg(feature = "axum")]
         if let Some(info) = ext.get::<axum::extract::ConnectInfo<SocketAddr>>() {
             return Some(info.0.ip());
+        }
+        if let Some(PeerAddr(addr)) = ext.get::<PeerAddr>() {
+            return Some(addr.ip());
         }
         #[cfg(feature = "tonic")]
         if let Some(addr) = ext
@@ -591,8 +627,8 @@ impl KeyExtractor for ClientIp {
 
     fn extract(&self, req: &RequestHead<'_>) -> Option<ClientKey> {
         match self.client_addr(req) {
-            Some(ip @ IpAddr::V4(_)) => Some(ClientKey::Ip(mask(ip, self.v4_prefix))),
-            Some(ip @ IpAddr::V6(_)) => Some(ClientKey::Ip(mask(ip, self.v6_prefix))),
+            Some(ip @ IpAddr::V4(_)) => Some(ClientKey::ip(mask(ip, self.v4_prefix))),
+            Some(ip @ IpAddr::V6(_)) => Some(ClientKey::ip(mask(ip, self.v6_prefix))),
             None => {
                 if !WARNED_UNKNOWN.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
@@ -601,7 +637,7 @@ impl KeyExtractor for ClientIp {
                          into_make_service_with_connect_info; hyper: insert PeerAddr)."
                     );
                 }
-                Some(ClientKey::Unknown)
+                Some(ClientKey::UNKNOWN)
             }
         }
     }
@@ -720,7 +756,9 @@ mod tests {
     fn no_address_is_one_shared_unknown_key() {
         let ip = ClientIp::new();
         let r = Request::new(());
-        assert_eq!(ip.extract(&RequestHead::of(&r)), Some(ClientKey::Unknown));
+        assert_eq!(ip.extract(&RequestHead::of(&r)), Some(ClientKey::UNKNOWN));
+        assert_eq!(ClientKey::UNKNOWN.to_string(), "unknown");
+        assert!(ClientKey::ip("::1".parse().unwrap()).addr().is_some());
     }
 
     #[test]

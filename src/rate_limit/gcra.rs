@@ -194,7 +194,12 @@ impl PoliciesRef<'_> {
 /// The hot path of [`check_all`]: charges all limits and returns true if all allow `cost`,
 /// changes nothing and returns false otherwise. No details are computed.
 #[inline]
-pub(crate) fn charge(tats: &mut [u64; MAX_POLICIES], limits: &[Limit], now: u64, cost: u32) -> bool {
+pub(crate) fn charge(
+    tats: &mut [u64; MAX_POLICIES],
+    limits: &[Limit],
+    now: u64,
+    cost: u32,
+) -> bool {
     let mut next = *tats;
     for ((limit, tat), next) in limits.iter().zip(tats.iter()).zip(&mut next) {
         let new_tat = (*tat).max(now) + u64::from(cost) * limit.interval_ns;

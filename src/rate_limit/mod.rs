@@ -74,7 +74,7 @@ use http::{HeaderValue, Response, StatusCode};
 pub use future::ResponseFuture;
 pub use gcra::{Backend, Check, CheckFuture, Decision, PoliciesRef, PolicyState, Unavailable};
 pub use layer::{BackendChoice, Chosen, DefaultBackend, RateLimitBuilder, RateLimitLayer};
-pub use memory::{Clock, DEFAULT_MAX_KEYS, MemoryBackend};
+pub use memory::{Clock, DEFAULT_MAX_KEYS, ManualClock, MemoryBackend};
 pub use policy::{FailurePolicy, MAX_POLICIES, Quota};
 #[cfg(feature = "redis")]
 pub use redis::RedisBackend;
