@@ -23,24 +23,45 @@
 //! assert!(record.rate_limits[0].allowed);
 //! ```
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use http::Extensions;
 
+/// Set once any [`Annotation`] has been made in this process: until then no request can
+/// carry one, and layers skip even the lookup.
+static IN_USE: AtomicBool = AtomicBool::new(false);
+
 /// A shared, cheaply cloned handle to one request's [`Record`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Annotation {
     record: Arc<Mutex<Record>>,
+}
+
+impl Default for Annotation {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Annotation {
     /// A new, empty record.
     pub fn new() -> Self {
-        Self::default()
+        if !IN_USE.load(Ordering::Relaxed) {
+            IN_USE.store(true, Ordering::Relaxed);
+        }
+        Self {
+            record: Arc::default(),
+        }
     }
 
     /// The annotation in `extensions`, if a logging layer put one there.
+    #[inline]
     pub fn of(extensions: &Extensions) -> Option<&Annotation> {
+        // The common case without a logging layer costs one relaxed load, not a lookup.
+        if !IN_USE.load(Ordering::Relaxed) {
+            return None;
+        }
         extensions.get::<Annotation>()
     }
 

@@ -149,8 +149,9 @@ where
                     this.state.set(next);
                 }
                 StateProj::Inner { future } => {
-                    let response = ready!(future.poll(cx))?;
-                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                    return future
+                        .poll(cx)
+                        .map_ok(|response| response.map(ResponseBody::inner));
                 }
                 StateProj::InnerWithHeaders { future, headers } => {
                     let mut response = ready!(future.poll(cx))?;

@@ -194,13 +194,8 @@ impl PoliciesRef<'_> {
 /// The hot path of [`check_all`]: charges all limits and returns true if all allow `cost`,
 /// changes nothing and returns false otherwise. No details are computed.
 #[inline]
-pub(crate) fn charge(
-    tats: &mut [u64; MAX_POLICIES],
-    limits: &[Limit],
-    now: u64,
-    cost: u32,
-) -> bool {
-    let mut next = *tats;
+pub(crate) fn charge(tats: &mut [u64], limits: &[Limit], now: u64, cost: u32) -> bool {
+    let mut next = [0u64; MAX_POLICIES];
     for ((limit, tat), next) in limits.iter().zip(tats.iter()).zip(&mut next) {
         let new_tat = (*tat).max(now) + u64::from(cost) * limit.interval_ns;
         if new_tat - now > limit.capacity_ns {
@@ -208,13 +203,15 @@ pub(crate) fn charge(
         }
         *next = new_tat;
     }
-    *tats = next;
+    for (tat, next) in tats.iter_mut().zip(next).take(limits.len()) {
+        *tat = next;
+    }
     true
 }
 
 #[inline]
 pub(crate) fn check_all(
-    tats: &mut [u64; MAX_POLICIES],
+    tats: &mut [u64],
     limits: &[Limit],
     now: u64,
     cost: u32,

@@ -99,7 +99,7 @@ pub trait BackendChoice<K> {
     /// The backend.
     type Backend: Backend<K>;
     /// Makes it.
-    fn into_backend(self, max_keys: usize, clock: Clock) -> Self::Backend;
+    fn into_backend(self, max_keys: usize, clock: Clock, policies: usize) -> Self::Backend;
 }
 
 impl<K> BackendChoice<K> for DefaultBackend
@@ -108,15 +108,15 @@ where
 {
     type Backend = MemoryBackend<K>;
 
-    fn into_backend(self, max_keys: usize, clock: Clock) -> MemoryBackend<K> {
-        MemoryBackend::new(max_keys).with_clock(clock)
+    fn into_backend(self, max_keys: usize, clock: Clock, policies: usize) -> MemoryBackend<K> {
+        MemoryBackend::for_policies(max_keys, policies).with_clock(clock)
     }
 }
 
 impl<K, B: Backend<K>> BackendChoice<K> for Chosen<B> {
     type Backend = B;
 
-    fn into_backend(self, _max_keys: usize, _clock: Clock) -> B {
+    fn into_backend(self, _max_keys: usize, _clock: Clock, _policies: usize) -> B {
         self.0
     }
 }
@@ -273,7 +273,9 @@ impl<X, Bk> RateLimitBuilder<X, Bk> {
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
                 extractor: self.extractor,
-                backend: self.backend.into_backend(self.max_keys, self.clock),
+                backend: self
+                    .backend
+                    .into_backend(self.max_keys, self.clock, self.policies.len()),
                 settings,
             }),
         })

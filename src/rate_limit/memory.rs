@@ -95,30 +95,27 @@ pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
 const MAX_SHARDS: usize = 64;
 
-struct Entry<K> {
+struct Entry<K, const N: usize> {
     key: K,
-    tats: [u64; MAX_POLICIES],
+    tats: [u64; N],
 }
 
-fn idle_at(tats: &[u64; MAX_POLICIES]) -> u64 {
-    tats.iter().copied().max().unwrap_or(0)
-}
-
-struct Shard<K> {
-    table: HashTable<Entry<K>>,
+struct Shard<K, const N: usize> {
+    table: HashTable<Entry<K, N>>,
     cap: usize,
     /// No entry can be idle before this time (nanoseconds), so a sweep before it is useless.
     next_sweep: u64,
 }
 
-impl<K> Shard<K> {
+impl<K, const N: usize> Shard<K, N> {
     fn sweep(&mut self, now: u64) {
         if now < self.next_sweep {
             return;
         }
         let mut earliest = u64::MAX;
         self.table.retain(|e| {
-            let at = idle_at(&e.tats);
+            // Idle once every bucket is full again.
+            let at = e.tats.iter().copied().max().unwrap_or(0);
             if at <= now {
                 false
             } else {
@@ -130,29 +127,16 @@ impl<K> Shard<K> {
     }
 }
 
-/// GCRA state in memory, bounded to a number of keys. Cheap to share: clone the layer.
-pub struct MemoryBackend<K> {
-    shards: Box<[Mutex<Shard<K>>]>,
+/// The sharded table for layers of up to `N` policies: entries hold exactly `N` arrival
+/// times, so a one-policy layer pays 8 bytes of state per key, not 32.
+struct Table<K, const N: usize> {
+    shards: Box<[Mutex<Shard<K, N>>]>,
     shard_mask: usize,
-    hasher: DefaultHashBuilder,
-    overflow: Mutex<[u64; MAX_POLICIES]>,
-    clock: Clock,
-    max_keys: usize,
+    overflow: Mutex<[u64; N]>,
 }
 
-impl<K> std::fmt::Debug for MemoryBackend<K> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryBackend")
-            .field("max_keys", &self.max_keys)
-            .field("tracked_keys", &self.tracked_keys())
-            .finish()
-    }
-}
-
-impl<K> MemoryBackend<K> {
-    /// A table that tracks at most `max_keys` keys (at least 1).
-    pub fn new(max_keys: usize) -> Self {
-        let max_keys = max_keys.max(1);
+impl<K, const N: usize> Table<K, N> {
+    fn new(max_keys: usize) -> Self {
         // A power of two no larger than the cap, so every shard holds at least one key.
         let shards = MAX_SHARDS.min(1 << max_keys.ilog2());
         let per = max_keys / shards;
@@ -169,8 +153,104 @@ impl<K> MemoryBackend<K> {
         Self {
             shard_mask: shards.len() - 1,
             shards,
+            overflow: Mutex::new([0; N]),
+        }
+    }
+
+    fn tracked(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().table.len()).sum()
+    }
+
+    /// Runs `f` on the state of `key` (creating it when `f` allows the request, or
+    /// charging the overflow bucket when the shard is full of keys still being limited).
+    /// `f` returns its result and whether the request was allowed.
+    #[inline]
+    fn with_entry<R>(
+        &self,
+        key: &K,
+        hash: u64,
+        now: u64,
+        hasher: &DefaultHashBuilder,
+        f: impl FnOnce(&mut [u64], u64, LimitSource) -> (R, bool),
+    ) -> R
+    where
+        K: Hash + Eq + Clone,
+    {
+        // hashbrown indexes buckets with the low bits and tags them with the top 7, so the
+        // shard comes from bits in between.
+        let shard = &self.shards[(hash >> 32) as usize & self.shard_mask];
+        let mut shard = shard.lock();
+        if let Some(entry) = shard.table.find_mut(hash, |e| e.key == *key) {
+            return f(&mut entry.tats, now, LimitSource::Memory).0;
+        }
+        if shard.table.len() >= shard.cap {
+            shard.sweep(now);
+            if shard.table.len() >= shard.cap {
+                drop(shard);
+                let mut tats = self.overflow.lock();
+                return f(&mut *tats, now, LimitSource::Overflow).0;
+            }
+        }
+        let mut tats = [0; N];
+        let (result, allowed) = f(&mut tats, now, LimitSource::Memory);
+        if allowed {
+            // The hash is not stored (smaller entries, fewer cache misses); growing the
+            // table, which is rare, hashes the keys again.
+            shard.table.insert_unique(
+                hash,
+                Entry {
+                    key: key.clone(),
+                    tats,
+                },
+                |e| hasher.hash_one(&e.key),
+            );
+        }
+        result
+    }
+}
+
+enum Tables<K> {
+    One(Table<K, 1>),
+    Two(Table<K, 2>),
+    Four(Table<K, MAX_POLICIES>),
+}
+
+/// GCRA state in memory, bounded to a number of keys. Cheap to share: clone the layer.
+pub struct MemoryBackend<K> {
+    tables: Tables<K>,
+    hasher: DefaultHashBuilder,
+    clock: Clock,
+    max_keys: usize,
+}
+
+impl<K> std::fmt::Debug for MemoryBackend<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBackend")
+            .field("max_keys", &self.max_keys)
+            .field("tracked_keys", &self.tracked_keys())
+            .finish()
+    }
+}
+
+impl<K> MemoryBackend<K> {
+    /// A table that tracks at most `max_keys` keys (at least 1), for layers of up to
+    /// [`MAX_POLICIES`] policies.
+    pub fn new(max_keys: usize) -> Self {
+        Self::for_policies(max_keys, MAX_POLICIES)
+    }
+
+    /// A table sized for layers of at most `policies` policies (the layer builder knows
+    /// how many and picks the smallest entries that fit).
+    pub(crate) fn for_policies(max_keys: usize, policies: usize) -> Self {
+        let max_keys = max_keys.max(1);
+        let tables = match policies {
+            0 | 1 => Tables::One(Table::new(max_keys)),
+            2 => Tables::Two(Table::new(max_keys)),
+            _ => Tables::Four(Table::new(max_keys)),
+        };
+        Self {
+            tables,
             hasher: DefaultHashBuilder::default(),
-            overflow: Mutex::new([0; MAX_POLICIES]),
             clock: Clock::fast(),
             max_keys,
         }
@@ -185,7 +265,11 @@ impl<K> MemoryBackend<K> {
 
     /// How many keys are tracked now.
     pub fn tracked_keys(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().table.len()).sum()
+        match &self.tables {
+            Tables::One(t) => t.tracked(),
+            Tables::Two(t) => t.tracked(),
+            Tables::Four(t) => t.tracked(),
+        }
     }
 
     /// The cap on tracked keys.
@@ -201,9 +285,29 @@ impl<K> Default for MemoryBackend<K> {
 }
 
 impl<K: Hash + Eq + Clone> MemoryBackend<K> {
+    #[inline]
+    fn with_entry<R>(
+        &self,
+        key: &K,
+        limits: &[Limit],
+        f: impl FnOnce(&mut [u64], u64, LimitSource) -> (R, bool),
+    ) -> R {
+        let now = self.clock.now();
+        let hash = self.hasher.hash_one(key);
+        let h = &self.hasher;
+        match &self.tables {
+            Tables::One(t) if limits.len() <= 1 => t.with_entry(key, hash, now, h, f),
+            Tables::Two(t) if limits.len() <= 2 => t.with_entry(key, hash, now, h, f),
+            Tables::Four(t) => t.with_entry(key, hash, now, h, f),
+            // The layer builder sizes the table for its policies, and `new` sizes it for
+            // the most a layer may hold, so a narrower table never meets more policies.
+            _ => unreachable!("rate-limit table narrower than the layer's policies"),
+        }
+    }
+
     /// Checks and charges `key`, with every detail of the decision.
     pub(crate) fn decide(&self, key: &K, limits: &[Limit], cost: u32) -> Decision {
-        self.with_entry(key, |tats, now, source| {
+        self.with_entry(key, limits, |tats, now, source| {
             let decision = check_all(tats, limits, now, cost, source);
             (decision, decision.allowed)
         })
@@ -212,57 +316,13 @@ impl<K: Hash + Eq + Clone> MemoryBackend<K> {
     /// Checks and charges `key`; `None` means allowed (no details made: the hot path),
     /// `Some` a refusal with its details.
     pub(crate) fn decide_quietly(&self, key: &K, limits: &[Limit], cost: u32) -> Option<Decision> {
-        self.with_entry(key, |tats, now, source| {
+        self.with_entry(key, limits, |tats, now, source| {
             if charge(tats, limits, now, cost) {
                 (None, true)
             } else {
                 (Some(check_all(tats, limits, now, cost, source)), false)
             }
         })
-    }
-
-    /// Runs `f` on the state of `key` (creating it when `f` allows the request, or
-    /// charging the overflow bucket when the table is full of keys still being limited).
-    /// `f` returns its result and whether the request was allowed.
-    #[inline]
-    fn with_entry<R>(
-        &self,
-        key: &K,
-        f: impl FnOnce(&mut [u64; MAX_POLICIES], u64, LimitSource) -> (R, bool),
-    ) -> R {
-        let now = self.clock.now();
-        let hash = self.hasher.hash_one(key);
-        // hashbrown indexes buckets with the low bits and tags them with the top 7, so the
-        // shard comes from bits in between.
-        let shard = &self.shards[(hash >> 32) as usize & self.shard_mask];
-        let mut shard = shard.lock();
-        if let Some(entry) = shard.table.find_mut(hash, |e| e.key == *key) {
-            return f(&mut entry.tats, now, LimitSource::Memory).0;
-        }
-        if shard.table.len() >= shard.cap {
-            shard.sweep(now);
-            if shard.table.len() >= shard.cap {
-                drop(shard);
-                let mut tats = self.overflow.lock();
-                return f(&mut tats, now, LimitSource::Overflow).0;
-            }
-        }
-        let mut tats = [0; MAX_POLICIES];
-        let (result, allowed) = f(&mut tats, now, LimitSource::Memory);
-        if allowed {
-            // The hash is not stored (smaller entries, fewer cache misses); growing the
-            // table, which is rare, hashes the keys again.
-            let hasher = &self.hasher;
-            shard.table.insert_unique(
-                hash,
-                Entry {
-                    key: key.clone(),
-                    tats,
-                },
-                |e| hasher.hash_one(&e.key),
-            );
-        }
-        result
     }
 }
 
@@ -326,11 +386,11 @@ mod tests {
 
     #[test]
     fn tiny_caps_work() {
-        let b = MemoryBackend::<u8>::new(1);
-        assert_eq!(b.shards.len(), 1);
-        let b = MemoryBackend::<u8>::new(100);
-        assert_eq!(b.shards.len(), 64);
-        let total: usize = b.shards.iter().map(|s| s.lock().cap).sum();
+        let t = Table::<u8, 1>::new(1);
+        assert_eq!(t.shards.len(), 1);
+        let t = Table::<u8, 1>::new(100);
+        assert_eq!(t.shards.len(), 64);
+        let total: usize = t.shards.iter().map(|s| s.lock().cap).sum();
         assert_eq!(total, 100);
     }
 }
