@@ -100,6 +100,13 @@ impl<S, ReqBody> ResponseFuture<S, ReqBody>
 where
     S: Service<Request<ReqBody>>,
 {
+    #[inline(always)]
+    pub(crate) fn pass(future: S::Future) -> Self {
+        Self {
+            state: State::Inner { future },
+        }
+    }
+
     #[inline]
     pub(crate) fn inner(future: S::Future, headers: Option<Box<RateLimitHeaders>>) -> Self {
         Self {

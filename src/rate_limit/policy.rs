@@ -182,6 +182,7 @@ impl Policies {
         })
     }
 
+    #[inline]
     pub(crate) fn limits(&self) -> &[Limit] {
         &self.limits[..self.len]
     }

@@ -4,11 +4,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::{Method, Request, Response};
 use tower_service::Service;
 
+use super::future::RateLimitHeaders;
 use super::future::ResponseFuture;
-use super::gcra::{Backend, Check, PoliciesRef};
+use super::gcra::{Backend, Check, CheckFuture, PoliciesRef};
 use super::layer::Shared;
 use super::{Outcome, Settings};
 use crate::annotate::Annotation;
@@ -50,8 +52,9 @@ impl<S: fmt::Debug, X, Bk> fmt::Debug for RateLimit<S, X, Bk> {
     }
 }
 
+#[inline]
 fn is_preflight(head: &RequestHead<'_>) -> bool {
-    head.method == Method::OPTIONS
+    *head.method == Method::OPTIONS
         && head
             .headers
             .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
@@ -72,49 +75,79 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let shared = &*self.shared;
-        let settings: &Settings = &shared.settings;
-        let head = RequestHead::of(&req);
-
-        let skip = (!settings.count_preflight && is_preflight(&head))
-            || settings.exempt.as_ref().is_some_and(|exempt| exempt(&head));
-        let cost = match &settings.cost {
-            _ if skip => 0,
-            Some(cost) => cost(&head),
-            None => 1,
-        };
-        let key = if cost == 0 {
-            None
-        } else {
-            shared.extractor.extract(&head)
-        };
-        let Some(key) = key else {
-            return ResponseFuture::inner(self.inner.call(req), None);
-        };
-        if u64::from(cost) > settings.policies.max_cost {
-            let response = settings.refuse_impossible(&head, cost);
-            return ResponseFuture::refused(Box::new(response));
+        // Decide on the borrowed head first, so that the request is moved once, at one
+        // place per outcome (no copies of it on the hot path).
+        match route(&self.shared, &RequestHead::of(&req)) {
+            Route::Pass(None) => ResponseFuture::pass(self.inner.call(req)),
+            Route::Pass(headers) => ResponseFuture::inner(self.inner.call(req), headers),
+            Route::Refuse(response) => ResponseFuture::refused(response),
+            Route::Wait(check) => self.wait(check, req),
         }
+    }
+}
 
-        let policies = PoliciesRef {
-            inner: &settings.policies,
-            // Details are for headers on allowed responses and for the annotation.
-            details: settings.headers_on_success || Annotation::of(head.extensions).is_some(),
-        };
-        match shared.backend.check(&settings.name, &key, &policies, cost) {
-            // The common case, kept short: allowed, nothing to record, no headers to add.
-            Check::Allowed => ResponseFuture::inner(self.inner.call(req), None),
-            Check::Ready(result) => match settings.outcome(result, &head) {
-                Outcome::Pass(headers) => ResponseFuture::inner(self.inner.call(req), headers),
-                Outcome::Refuse(response) => ResponseFuture::refused(response),
-            },
-            Check::Pending(check) => {
-                // The inner service that was driven to readiness goes into the future;
-                // a fresh clone stays here for the next call.
-                let clone = self.inner.clone();
-                let inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::checking(check, inner, req, shared.settings.clone())
-            }
-        }
+impl<S: Clone, X, Bk> RateLimit<S, X, Bk> {
+    /// The Redis path: the inner service that was driven to readiness goes into the
+    /// future; a fresh clone stays here for the next call.
+    #[cold]
+    #[inline(never)]
+    fn wait<ReqBody>(
+        &mut self,
+        check: CheckFuture,
+        req: Request<ReqBody>,
+    ) -> ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::checking(check, inner, req, self.shared.settings.clone())
+    }
+}
+
+enum Route {
+    Pass(Option<Box<RateLimitHeaders>>),
+    Refuse(Box<Response<Bytes>>),
+    Wait(CheckFuture),
+}
+
+#[inline]
+fn route<X, Bk>(shared: &Shared<X, Bk>, head: &RequestHead<'_>) -> Route
+where
+    X: KeyExtractor,
+    Bk: Backend<X::Key>,
+{
+    let settings: &Settings = &shared.settings;
+    let skip = (!settings.count_preflight && is_preflight(head))
+        || settings.exempt.as_ref().is_some_and(|exempt| exempt(head));
+    let cost = match &settings.cost {
+        _ if skip => 0,
+        Some(cost) => cost(head),
+        None => 1,
+    };
+    let key = if cost == 0 {
+        None
+    } else {
+        shared.extractor.extract(head)
+    };
+    let Some(key) = key else {
+        return Route::Pass(None);
+    };
+    if u64::from(cost) > settings.policies.max_cost {
+        return Route::Refuse(Box::new(settings.refuse_impossible(head, cost)));
+    }
+    let policies = PoliciesRef {
+        inner: &settings.policies,
+        // Details are for headers on allowed responses and for the annotation.
+        details: settings.headers_on_success || Annotation::of(head.extensions).is_some(),
+    };
+    match shared.backend.check(&settings.name, &key, &policies, cost) {
+        // The common case, kept short: allowed, nothing to record, no headers to add.
+        Check::Allowed => Route::Pass(None),
+        Check::Ready(result) => match settings.outcome(result, head) {
+            Outcome::Pass(headers) => Route::Pass(headers),
+            Outcome::Refuse(response) => Route::Refuse(response),
+        },
+        Check::Pending(check) => Route::Wait(check),
     }
 }
