@@ -291,10 +291,12 @@ async fn headers_on_success(store: &Store) {
 }
 
 async fn refills_over_time(store: &Store) {
-    // 10 per second: after 350 ms, three more requests' worth has come back.
+    // 10 per 5 s: one request comes back every 500 ms. After the burst and 1,250 ms more,
+    // two or three have come back (three only if the burst and the wait took 250 ms
+    // longer than planned), however busy the machine.
     let svc = store.service(
         builder(&unique("refill", store))
-            .policy("p", Quota::requests_per(10, Duration::from_secs(1))),
+            .policy("p", Quota::requests_per(10, Duration::from_secs(5))),
     );
     for _ in 0..10 {
         assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
@@ -303,14 +305,17 @@ async fn refills_over_time(store: &Store) {
         send(&svc, "k", &[]).await.status,
         StatusCode::TOO_MANY_REQUESTS
     );
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(1_250)).await;
     let mut allowed = 0;
     for _ in 0..10 {
         if send(&svc, "k", &[]).await.status == StatusCode::OK {
             allowed += 1;
         }
     }
-    assert!((3..=4).contains(&allowed), "allowed {allowed} after 350 ms");
+    assert!(
+        (2..=3).contains(&allowed),
+        "allowed {allowed} after 1,250 ms"
+    );
 }
 
 async fn many_keys(store: &Store) {
