@@ -215,23 +215,25 @@ impl Settings {
         Outcome::Refuse(Box::new(self.refuse(&decision, head)))
     }
 
-    fn refuse(&self, decision: &Decision, head: &RequestHead<'_>) -> Response<Bytes> {
-        let violated: Vec<serde_json::Value> = self
-            .policies
-            .names
-            .iter()
-            .zip(decision.states())
-            .filter(|(_, s)| s.violated)
-            .map(|(n, _)| serde_json::Value::from(n.as_ref()))
+    /// The 429 problem naming the policies for which `violated(i)` is true.
+    fn quota_exceeded(&self, violated: impl Fn(usize) -> bool) -> Rejection {
+        let names = (0..self.policies.len)
+            .filter(|&i| violated(i))
+            .map(|i| serde_json::Value::from(self.policies.names[i].as_ref()))
             .collect();
+        Rejection::new(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests")
+            .with_type(QUOTA_EXCEEDED)
+            .with_member("violated-policies", serde_json::Value::Array(names))
+            .with_header(RATELIMIT_POLICY, self.policies.policy_header.clone())
+    }
+
+    fn refuse(&self, decision: &Decision, head: &RequestHead<'_>) -> Response<Bytes> {
         let seconds = whole_seconds_up(decision.retry_after()).max(1);
         let millis = decision.retry_after().as_micros().div_ceil(1000).max(1);
-        let rejection = Rejection::new(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests")
-            .with_type(QUOTA_EXCEEDED)
+        let rejection = self
+            .quota_exceeded(|i| decision.state(i).violated)
             .with_detail(format!("Rate limit exceeded; retry in {seconds} s."))
-            .with_member("violated-policies", serde_json::Value::Array(violated))
             .with_header(RETRY_AFTER, HeaderValue::from(seconds))
-            .with_header(RATELIMIT_POLICY, self.policies.policy_header.clone())
             .with_header(RATELIMIT, self.ratelimit_header(decision))
             .with_grpc_metadata(GRPC_RETRY_PUSHBACK, HeaderValue::from(millis as u64));
         rejection.render(head)
@@ -240,21 +242,11 @@ impl Settings {
     /// A request whose cost exceeds a policy's burst can never pass: refuse it without a
     /// `Retry-After`, which would only invite a retry that fails again.
     pub(crate) fn refuse_impossible(&self, head: &RequestHead<'_>, cost: u32) -> Response<Bytes> {
-        let violated: Vec<serde_json::Value> = self
-            .policies
-            .names
-            .iter()
-            .zip(self.policies.limits())
-            .filter(|(_, limit)| limit.burst() < u64::from(cost))
-            .map(|(n, _)| serde_json::Value::from(n.as_ref()))
-            .collect();
-        Rejection::new(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests")
-            .with_type(QUOTA_EXCEEDED)
-            .with_member("violated-policies", serde_json::Value::Array(violated))
+        let limits = self.policies.limits();
+        self.quota_exceeded(|i| limits[i].burst() < u64::from(cost))
             .with_detail(
                 "The request costs more than a policy's whole burst; it can never be allowed.",
             )
-            .with_header(RATELIMIT_POLICY, self.policies.policy_header.clone())
             .render(head)
     }
 }

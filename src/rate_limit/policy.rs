@@ -55,17 +55,6 @@ impl Quota {
         self.period / self.count.max(1)
     }
 
-    /// This quota for one of `replicas` instances sharing it (rate and burst divided,
-    /// burst at least 1).
-    pub fn divided(&self, replicas: u32) -> Self {
-        let replicas = replicas.max(1);
-        Self {
-            count: self.count,
-            period: self.period.saturating_mul(replicas),
-            burst: Some((self.burst() / replicas).max(1)),
-        }
-    }
-
     pub(crate) fn validate(&self) -> Result<Limit, String> {
         if self.count == 0 {
             return Err("the request count must be at least 1".into());
