@@ -86,6 +86,231 @@ impl Annotation {
 pub struct Record {
     /// One note per rate-limit layer that looked at the request, outermost first.
     pub rate_limits: Vec<RateLimitNote>,
+    /// What the response cache did, when one looked at the request.
+    pub cache: Option<CacheNote>,
+    /// Who the caller turned out to be, or why authentication failed.
+    pub auth: Option<AuthNote>,
+    /// What request validation found.
+    pub validation: Option<ValidationNote>,
+    /// How long the request waited for a distributed lock, and whether it got it.
+    pub lock: Option<LockNote>,
+    /// What the idempotency layer did with the request's `Idempotency-Key`.
+    pub idempotency: Option<IdempotencyNote>,
+}
+
+impl Record {
+    /// The rate-limit note that decided the request: the first that refused it (or would
+    /// have, in shadow mode), else the one with the fewest requests left.
+    pub fn deciding_rate_limit(&self) -> Option<&RateLimitNote> {
+        self.rate_limits.iter().find(|n| !n.allowed).or_else(|| {
+            self.rate_limits
+                .iter()
+                .min_by_key(|n| n.remaining.unwrap_or(u64::MAX))
+        })
+    }
+
+    /// Whether a layer refused the request (or would have, in shadow mode): a logging layer
+    /// keeps such requests even when it samples the rest.
+    pub fn refused(&self) -> bool {
+        self.rate_limits.iter().any(|n| !n.allowed)
+            || self.auth.as_ref().is_some_and(|a| a.failure.is_some())
+            || self.validation.as_ref().is_some_and(|v| v.error_count > 0)
+            || self
+                .lock
+                .as_ref()
+                .is_some_and(|l| l.outcome != LockOutcome::Acquired)
+            || self.idempotency.as_ref().is_some_and(|i| {
+                matches!(
+                    i.outcome,
+                    IdempotencyOutcome::Conflict | IdempotencyOutcome::InFlight
+                )
+            })
+    }
+}
+
+/// What the response cache did with one request, after RFC 9211 `Cache-Status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CacheStatus {
+    /// Answered from the cache.
+    Hit,
+    /// Not in the cache; the origin answered (and the response may have been stored).
+    Miss,
+    /// A stale entry was served (`stale-while-revalidate` or `stale-if-error`).
+    Stale,
+    /// A stored entry was revalidated with the origin and served.
+    Revalidated,
+    /// Waited for another request's fill of the same key and was answered by it.
+    Collapsed,
+    /// The request or response was not cacheable; the cache stood aside.
+    Bypass,
+}
+
+impl CacheStatus {
+    /// A short lowercase name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Stale => "stale",
+            CacheStatus::Revalidated => "revalidated",
+            CacheStatus::Collapsed => "collapsed",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+}
+
+/// What the response cache did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheNote {
+    /// The outcome.
+    pub status: CacheStatus,
+    /// The age of the served entry in seconds, when one was served.
+    pub age: Option<u64>,
+}
+
+impl CacheNote {
+    /// A note with `status` and `age`.
+    pub fn new(status: CacheStatus, age: Option<u64>) -> Self {
+        Self { status, age }
+    }
+}
+
+/// What authentication decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AuthNote {
+    /// The authenticated subject, when there is one.
+    pub subject: Option<Arc<str>>,
+    /// Why the request was refused (a short fixed reason such as `expired` or
+    /// `insufficient_scope`), when it was.
+    pub failure: Option<&'static str>,
+}
+
+impl AuthNote {
+    /// An authenticated caller.
+    pub fn subject(subject: impl Into<Arc<str>>) -> Self {
+        Self {
+            subject: Some(subject.into()),
+            failure: None,
+        }
+    }
+
+    /// A refusal for a fixed, low-cardinality `reason`.
+    pub fn failure(reason: &'static str) -> Self {
+        Self {
+            subject: None,
+            failure: Some(reason),
+        }
+    }
+}
+
+/// What request validation found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ValidationNote {
+    /// How many violations were found (0 when the request was valid).
+    pub error_count: usize,
+    /// The JSON pointer of the first violation (never the offending value).
+    pub first_pointer: Option<String>,
+    /// Report-only mode: the violations were recorded and the request passed.
+    pub report_only: bool,
+}
+
+impl ValidationNote {
+    /// A note of `error_count` violations, the first at `first_pointer`.
+    pub fn new(error_count: usize, first_pointer: Option<String>) -> Self {
+        Self {
+            error_count,
+            first_pointer,
+            report_only: false,
+        }
+    }
+}
+
+/// How a lock request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LockOutcome {
+    /// The lock was obtained.
+    Acquired,
+    /// The wait budget ran out.
+    TimedOut,
+    /// The lock backend could not be reached.
+    Unavailable,
+    /// The lock was obtained and later lost (an extension failed).
+    Lost,
+}
+
+impl LockOutcome {
+    /// A short lowercase name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockOutcome::Acquired => "acquired",
+            LockOutcome::TimedOut => "timed_out",
+            LockOutcome::Unavailable => "unavailable",
+            LockOutcome::Lost => "lost",
+        }
+    }
+}
+
+/// How long a request waited for a lock, and how it ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LockNote {
+    /// Time spent waiting for the lock.
+    pub wait: std::time::Duration,
+    /// How it ended.
+    pub outcome: LockOutcome,
+}
+
+impl LockNote {
+    /// A note of `wait` and `outcome`.
+    pub fn new(wait: std::time::Duration, outcome: LockOutcome) -> Self {
+        Self { wait, outcome }
+    }
+}
+
+/// What the idempotency layer did with a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IdempotencyOutcome {
+    /// First request with this key: it ran and its response was stored.
+    Stored,
+    /// A stored response was replayed.
+    Replayed,
+    /// The key was reused with a different request: refused.
+    Conflict,
+    /// A request with the same key is still running: refused.
+    InFlight,
+}
+
+impl IdempotencyOutcome {
+    /// A short lowercase name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdempotencyOutcome::Stored => "stored",
+            IdempotencyOutcome::Replayed => "replayed",
+            IdempotencyOutcome::Conflict => "conflict",
+            IdempotencyOutcome::InFlight => "in_flight",
+        }
+    }
+}
+
+/// What the idempotency layer did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IdempotencyNote {
+    /// The outcome.
+    pub outcome: IdempotencyOutcome,
+}
+
+impl IdempotencyNote {
+    /// A note of `outcome`.
+    pub fn new(outcome: IdempotencyOutcome) -> Self {
+        Self { outcome }
+    }
 }
 
 /// Where a rate-limit decision came from.

@@ -59,12 +59,16 @@
 pub mod annotate;
 pub mod body;
 pub mod key;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod principal;
 #[cfg(feature = "rate-limit")]
 pub mod rate_limit;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod reject;
+#[cfg(feature = "trace")]
+pub mod trace;
 
 pub use body::ResponseBody;
 pub use key::{ClientIp, KeyExtractor, RequestHead};
@@ -72,3 +76,5 @@ pub use principal::Principal;
 #[cfg(feature = "rate-limit")]
 pub use rate_limit::{Quota, RateLimitLayer};
 pub use reject::Rejection;
+#[cfg(feature = "trace")]
+pub use trace::TraceLayer;

@@ -413,6 +413,41 @@ pub fn grpc_percent_encode(message: &str) -> String {
 #[derive(Clone)]
 struct SharedRender(Arc<dyn Render>);
 
+/// What a layer keeps of a request so that it can still render a refusal after the request
+/// has moved into the inner service (a panic caught later, for example): the content type
+/// (gRPC or not) and the installed renderer.
+#[derive(Clone, Default)]
+#[allow(dead_code)] // Used by layers behind features.
+pub(crate) struct RenderContext {
+    content_type: Option<HeaderValue>,
+    render: Option<SharedRender>,
+}
+
+#[allow(dead_code)] // Used by layers behind features.
+impl RenderContext {
+    /// The context of `request`.
+    pub(crate) fn of(request: &RequestHead<'_>) -> Self {
+        Self {
+            content_type: request.headers.get(CONTENT_TYPE).cloned(),
+            render: request.extensions.get::<SharedRender>().cloned(),
+        }
+    }
+
+    /// Renders `rejection` as the answer to the request this context came from.
+    pub(crate) fn render(&self, rejection: &Rejection) -> Response<Bytes> {
+        let mut request = Request::new(());
+        if let Some(content_type) = &self.content_type {
+            request
+                .headers_mut()
+                .insert(CONTENT_TYPE, content_type.clone());
+        }
+        if let Some(render) = &self.render {
+            request.extensions_mut().insert(render.clone());
+        }
+        rejection.render(&RequestHead::of(&request))
+    }
+}
+
 /// Installs a [`Render`]er for every refusal made by the layers inside it.
 ///
 /// ```
