@@ -17,12 +17,15 @@
 //! | `RATE_LIMIT_PER_MINUTE` | `600` per client IP on `/products` and `/orders` |
 //! | `ORIGIN_DELAY_MS` | `20`: simulated database latency of the product handler |
 //! | `LOG_FORMAT` | `json` (or `pretty`) |
+//!
+//! It logs one JSON line per request on stdout (the `trace` layer, outermost), and with
+//! `--features metrics` serves Prometheus text on `GET /metrics`.
 
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Path};
+use axum::extract::{ConnectInfo, MatchedPath, Path};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -30,6 +33,8 @@ use axum::{Json, Router};
 use battlement::key::{ClientIp, RequestHead};
 use battlement::rate_limit::{Quota, RateLimitLayer};
 use battlement::reject::Rejection;
+use battlement::trace::{RoutePolicy, TraceLayer};
+use tracing::Level;
 
 struct Config {
     bind: SocketAddr,
@@ -140,7 +145,13 @@ async fn main() {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
     );
     if config.log_format == "json" {
-        subscriber.json().init();
+        // One flat JSON object per line; the per-request event has every field itself, and
+        // handler logs carry the request's span (with its request id).
+        subscriber
+            .json()
+            .flatten_event(true)
+            .with_span_list(false)
+            .init();
     } else {
         subscriber.pretty().init();
     }
@@ -150,6 +161,18 @@ async fn main() {
         .unwrap_or_else(|e| fail("TRUSTED_PROXIES", e))
         // axum records the peer address as `ConnectInfo<SocketAddr>`.
         .peer_lookup(|ext| ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()));
+    let trace = TraceLayer::builder()
+        .client_ip(client_ip.clone())
+        // axum's route template (with the `axum` feature, battlement reads it by itself).
+        .route_from(|req| {
+            req.extensions
+                .get::<MatchedPath>()
+                .map(|m| m.as_str().to_owned())
+        })
+        .route("/healthz", RoutePolicy::new().level(Level::DEBUG))
+        .route("/metrics", RoutePolicy::new().level(Level::DEBUG))
+        .build()
+        .expect("valid trace configuration");
     let per_ip = RateLimitLayer::builder()
         .name("per-ip")
         .policy(
@@ -173,7 +196,12 @@ async fn main() {
         Some(url) => with_redis(limited, per_ip, url).await,
     };
 
-    let app = limited.merge(Router::new().route("/healthz", get(|| async { "ok" })));
+    let app = limited
+        .merge(Router::new().route("/healthz", get(|| async { "ok" })))
+        .merge(metrics_routes())
+        // Outermost: it sees every request, refusals included, and the decisions of the
+        // layers inside it.
+        .layer(trace);
 
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
@@ -182,6 +210,9 @@ async fn main() {
     println!("battlement orders demo listening on http://{addr} (backend: {backend})");
     println!("  curl -i http://{addr}/products/p-1");
     println!("  curl -i http://{addr}/healthz");
+    if cfg!(feature = "metrics") {
+        println!("  curl -s http://{addr}/metrics");
+    }
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -191,6 +222,37 @@ async fn main() {
     })
     .await
     .expect("server error");
+}
+
+/// `GET /metrics` in Prometheus text, with `--features metrics`.
+#[cfg(feature = "metrics")]
+fn metrics_routes() -> Router {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        // Histograms as Prometheus histograms (the OpenTelemetry default boundaries).
+        .set_buckets(&[
+            0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+        ])
+        .expect("non-empty buckets")
+        .install_recorder()
+        .expect("a metrics recorder can be installed once");
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move {
+                handle.run_upkeep();
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    handle.render(),
+                )
+            }
+        }),
+    )
+}
+
+#[cfg(not(feature = "metrics"))]
+fn metrics_routes() -> Router {
+    Router::new()
 }
 
 #[cfg(feature = "redis")]

@@ -157,7 +157,7 @@ impl Logs {
             .lock()
             .unwrap()
             .iter()
-            .filter(|e| e.target == "battlement::trace::event")
+            .filter(|e| e.target == "battlement::trace")
             .cloned()
             .collect()
     }

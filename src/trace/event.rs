@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use quanta::Instant;
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use tracing::field::{Empty, Value, display};
@@ -278,7 +280,7 @@ impl Pending {
         };
         let fields = meta.fields();
         let status = self.status.map(|s| s.as_u16());
-        let duration_ms = duration.as_secs_f64() * 1e3;
+        let duration_ms = millis(duration);
         let error_type = self.error.as_ref().map(|e| e.0);
         let otel_status = error.then_some("ERROR");
         let verdict = record.deciding_rate_limit().map(verdict);
@@ -332,8 +334,8 @@ impl Pending {
             .user_agent
             .as_ref()
             .map(|ua| redact::header_text(ua, MAX_USER_AGENT));
-        let duration_ms = duration.as_secs_f64() * 1e3;
-        let ttfb_ms = self.head_at.map(|d| d.as_secs_f64() * 1e3);
+        let duration_ms = millis(duration);
+        let ttfb_ms = self.head_at.map(millis);
         let (error_type, error_message) = match &self.error {
             Some((kind, message)) => (Some(*kind), Some(message.as_str())),
             None => (None, None),
@@ -358,12 +360,13 @@ impl Pending {
             .as_ref()
             .and_then(|v| v.first_pointer.as_deref())
             .map(|p| redact::clean(p, MAX_VALUE));
-        let lock_wait_ms = record.lock.as_ref().map(|l| l.wait.as_secs_f64() * 1e3);
+        let lock_wait_ms = record.lock.as_ref().map(|l| millis(l.wait));
         let lock_outcome = record.lock.as_ref().map(|l| l.outcome.as_str());
         let idempotency = record.idempotency.as_ref().map(|i| i.outcome.as_str());
         macro_rules! event_at {
             ($level:expr) => {
                 tracing::event!(
+                    target: "battlement::trace",
                     parent: None,
                     $level,
                     http.request.method = method,
@@ -493,6 +496,7 @@ fn make_span(
     macro_rules! span_at {
         ($level:expr) => {
             tracing::span!(
+                target: "battlement::trace",
                 $level,
                 "request",
                 otel.name = name.as_str(),
@@ -542,4 +546,9 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         "a panic with a non-string payload"
     };
     redact::clean(text, MAX_VALUE).into_owned()
+}
+
+/// Milliseconds with microsecond precision (`2.456`, not `2.4560060000000004`).
+fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
 }

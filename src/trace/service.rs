@@ -1,10 +1,10 @@
 //! The [`Trace`] service.
 
+use quanta::Instant;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderName, Request, Response};
