@@ -11,7 +11,8 @@
 //! - `json_sink`: `tracing-subscriber`'s JSON formatter writing to `io::sink()`.
 //!   `battlement` at `INFO` writes its span and its one event; `tower_http` at `DEBUG`
 //!   writes what its defaults produce (a span and two events: request and response) and at
-//!   `INFO` writes nothing.
+//!   `INFO` writes nothing. `battlement_event_only` puts the span below the filter, to show
+//!   what the span costs with this formatter.
 //!
 //! Run with `cargo bench --all-features --bench trace`.
 
@@ -78,6 +79,17 @@ fn bench(c: &mut Criterion) {
     for (name, level, app) in [
         ("bare", Level::INFO, router()),
         ("battlement", Level::INFO, router().layer(TraceLayer::new())),
+        (
+            // The span at TRACE, filtered out: the event alone.
+            "battlement_event_only",
+            Level::INFO,
+            router().layer(
+                TraceLayer::builder()
+                    .span_level(Level::TRACE)
+                    .build()
+                    .unwrap(),
+            ),
+        ),
         (
             "tower_http_debug",
             Level::DEBUG,

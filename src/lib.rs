@@ -5,7 +5,9 @@
 //!
 //! | module | what it does |
 //! |---|---|
+//! | [`trace`] | one structured event per request, request ids, W3C trace context, panic capture |
 //! | [`rate_limit`] | GCRA rate limiting over several named policies, in memory or on Redis |
+//! | [`metrics`] | bounded-cardinality request metrics through the `metrics` facade |
 //! | [`key`] | what layers key on: the client IP behind trusted proxies, a header, the principal |
 //! | [`reject`] | one refusal type, rendered as RFC 9457 problem+json or a gRPC status |
 //! | [`body`] | the response body every short-circuiting layer returns |
@@ -22,16 +24,26 @@
 //! use axum::{Router, routing::get};
 //! use battlement::key::ClientIp;
 //! use battlement::rate_limit::{Quota, RateLimitLayer};
+//! use battlement::trace::{RoutePolicy, TraceLayer};
 //! use std::time::Duration;
 //!
+//! let client_ip = ClientIp::new().trust_proxies(["10.0.0.0/8"]).unwrap();
 //! let per_ip = RateLimitLayer::builder()
 //!     .policy("per-minute", Quota::requests_per(600, Duration::from_secs(60)))
-//!     .key(ClientIp::new().trust_proxies(["10.0.0.0/8"]).unwrap())
+//!     .key(client_ip.clone())
+//!     .build()
+//!     .unwrap();
+//! let trace = TraceLayer::builder()
+//!     .client_ip(client_ip)
+//!     .route("/healthz", RoutePolicy::skip())
 //!     .build()
 //!     .unwrap();
 //! let app: Router = Router::new()
 //!     .route("/products/{id}", get(|| async { "a product" }))
-//!     .layer(per_ip);
+//!     .layer(per_ip)
+//!     .route("/healthz", get(|| async { "ok" }))
+//!     // Outermost: it sees every request and every other layer's decision.
+//!     .layer(trace);
 //! # let _ = app;
 //! ```
 //!
@@ -40,15 +52,20 @@
 //! Core modules (`body`, `reject`, `annotate`, `key`, `principal`, `redis`) never import a
 //! layer; layers never import each other. Each layer module is `layer.rs` (the `FooLayer`
 //! and its builder), `service.rs` (the `Foo` service), `future.rs` (its named
-//! `ResponseFuture`), and one file per backend behind one trait. Shared state is built
+//! `ResponseFuture`), and one file per backend behind one trait; `trace` adds `body.rs`
+//! (its counting response body) and one file per thing it reads (`request_id.rs`,
+//! `traceparent.rs`, `redact.rs`, `event.rs`). Shared state is built
 //! when the layer is built and lives in an `Arc`, so cloning a layer, or axum calling
 //! `Layer::layer` once per route, shares it.
 //!
 //! ## Features
 //!
 //! - `rate-limit` (default): the [`rate_limit`] layer.
+//! - `trace` (default): the [`trace`] layer.
+//! - `metrics`: request metrics recorded by the trace layer (implies `trace`).
 //! - `redis`: the Redis backends and [`redis`] plumbing.
-//! - `axum`: [`key::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`.
+//! - `axum`: [`key::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`, and the trace layer
+//!   reads the route template from axum's `MatchedPath`.
 //! - `tonic`: [`key::ClientIp`] reads tonic's `TcpConnectInfo`.
 //! - `full`: all of them.
 

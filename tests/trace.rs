@@ -1025,3 +1025,28 @@ async fn metrics_have_bounded_labels() {
     // The fallback is rate limited too: the third request was refused as well.
     assert_eq!(decisions.get("limited"), Some(&2));
 }
+
+#[tokio::test]
+async fn trailers_end_the_request_even_if_the_body_does_not_say_so() {
+    let logs = Logs::capture();
+    // Not `ends`: after the trailers the body would be Pending, but a server never asks.
+    let service = scripted_service(TraceLayer::new(), || {
+        let mut res = grpc_response(&[], vec![data("abc"), trailers("0")]);
+        res.body_mut().ends = false;
+        res
+    });
+    let res = service
+        .oneshot(Request::new(Full::default()))
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    while let Some(frame) = body.frame().await {
+        if frame.unwrap().is_trailers() {
+            break;
+        }
+    }
+    drop(body);
+    let e = logs.only_request();
+    assert_eq!(e.field("outcome"), "completed");
+    assert_eq!(e.field("rpc.grpc.status_code"), "0");
+}

@@ -82,10 +82,15 @@ where
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     pending.on_data(data.len());
+                    this.inner.is_end_stream().then_some(Outcome::Completed)
                 } else if let Some(trailers) = frame.trailers_ref() {
                     pending.on_trailers(trailers);
+                    // Trailers are the last frame of a body, whether or not it says so:
+                    // HTTP/2 servers stop polling once they have sent them.
+                    Some(Outcome::Completed)
+                } else {
+                    this.inner.is_end_stream().then_some(Outcome::Completed)
                 }
-                this.inner.is_end_stream().then_some(Outcome::Completed)
             }
             Some(Err(error)) => {
                 pending.on_error("body_error", error);
