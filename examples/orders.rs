@@ -15,6 +15,9 @@
 //! | `REDIS_URL` | unset: in memory; `redis://host:port`, or a comma-separated cluster node list |
 //! | `TRUSTED_PROXIES` | none: CIDR list whose `X-Forwarded-For` is believed |
 //! | `RATE_LIMIT_PER_MINUTE` | `600` per client IP on `/products` and `/orders` |
+//! | `ORDER_RATE_LIMIT_PER_MINUTE` | `60` per token subject on `POST /orders` |
+//! | `JWT_SECRET` | a dev secret (with a warning, and dev tokens printed at start) |
+//! | `JWT_ISSUER` / `JWT_AUDIENCE` | `battlement-demo` / `orders-api` |
 //! | `ORIGIN_DELAY_MS` | `20`: simulated database latency of the product handler |
 //! | `LOG_FORMAT` | `json` (or `pretty`) |
 //!
@@ -25,15 +28,18 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, MatchedPath, Path};
+use axum::extract::{ConnectInfo, MatchedPath, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use battlement::auth::{AuthLayer, Issuer, JwtValidator, RequireScopes};
 use battlement::key::{ClientIp, RequestHead};
+use battlement::principal::Principal;
 use battlement::rate_limit::{Quota, RateLimitLayer};
 use battlement::reject::Rejection;
 use battlement::trace::{RoutePolicy, TraceLayer};
+use jsonwebtoken::Algorithm;
 use tracing::Level;
 
 struct Config {
@@ -41,9 +47,16 @@ struct Config {
     redis_url: Option<String>,
     trusted_proxies: String,
     rate_limit_per_minute: u32,
+    order_rate_limit_per_minute: u32,
     origin_delay: Duration,
     log_format: String,
+    jwt_secret: Option<String>,
+    jwt_issuer: String,
+    jwt_audience: String,
 }
+
+/// The HS256 key used when `JWT_SECRET` is unset (a warning says so at start).
+const DEV_SECRET: &str = "battlement-demo-dev-secret-change-me-0123456789";
 
 fn var<T: FromStr>(name: &str, default: T) -> T
 where
@@ -72,11 +85,23 @@ impl Config {
                 .filter(|s| !s.trim().is_empty()),
             trusted_proxies: var("TRUSTED_PROXIES", String::new()),
             rate_limit_per_minute: var("RATE_LIMIT_PER_MINUTE", 600),
+            order_rate_limit_per_minute: var("ORDER_RATE_LIMIT_PER_MINUTE", 60),
+            jwt_secret: std::env::var("JWT_SECRET")
+                .ok()
+                .filter(|s| !s.trim().is_empty()),
+            jwt_issuer: var("JWT_ISSUER", "battlement-demo".to_string()),
+            jwt_audience: var("JWT_AUDIENCE", "orders-api".to_string()),
             origin_delay: Duration::from_millis(var("ORIGIN_DELAY_MS", 20)),
             log_format: var("LOG_FORMAT", "json".to_string()),
         };
         if config.rate_limit_per_minute == 0 {
             fail("RATE_LIMIT_PER_MINUTE", "must be at least 1");
+        }
+        if config.order_rate_limit_per_minute == 0 {
+            fail("ORDER_RATE_LIMIT_PER_MINUTE", "must be at least 1");
+        }
+        if config.jwt_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            fail("JWT_SECRET", "must be at least 32 bytes for HS256");
         }
         if !matches!(config.log_format.as_str(), "json" | "pretty") {
             fail("LOG_FORMAT", "must be json or pretty");
@@ -181,20 +206,62 @@ async fn main() {
         )
         .key(client_ip)
         .headers_on_success(true);
+    let per_subject = RateLimitLayer::builder()
+        .name("per-subject")
+        .policy(
+            "orders-per-minute",
+            Quota::requests_per(config.order_rate_limit_per_minute, Duration::from_secs(60)),
+        )
+        .key(battlement::key::Principal)
+        .headers_on_success(true);
+
+    let backend = Backend::connect(config.redis_url.as_deref()).await;
+    let secret = config.jwt_secret.clone().unwrap_or_else(|| {
+        eprintln!(
+            "warning: JWT_SECRET is unset: using the public dev secret (never in production)"
+        );
+        DEV_SECRET.to_owned()
+    });
+    let jwt = JwtValidator::builder()
+        .issuer(
+            Issuer::new(config.jwt_issuer.as_str(), [config.jwt_audience.as_str()])
+                .hmac_key(Algorithm::HS256, secret.as_bytes()),
+        )
+        .algorithms([Algorithm::HS256])
+        .build()
+        .unwrap_or_else(|e| fail("JWT_SECRET", e));
+    let auth = AuthLayer::builder()
+        .jwt(jwt)
+        .realm("orders-api")
+        .build()
+        .expect("valid auth configuration");
 
     let origin_delay = config.origin_delay;
-    let limited = Router::new().route(
+    let products = Router::new().route(
         "/products/{id}",
         get(move |path, headers| product(path, headers, origin_delay)),
     );
-
-    let (limited, backend) = match &config.redis_url {
-        None => (
-            limited.layer(per_ip.build().expect("valid rate limit")),
-            "memory".to_string(),
+    let orders_state = OrderStore::new(&backend);
+    let create = backend.limit(
+        Router::new().route(
+            "/orders",
+            post(create_order).layer(RequireScopes::all(["orders:write"]).realm("orders-api")),
         ),
-        Some(url) => with_redis(limited, per_ip, url).await,
-    };
+        per_subject,
+    );
+    let orders = Router::new()
+        .route(
+            "/orders/{id}",
+            get(get_order).layer(RequireScopes::all(["orders:read"]).realm("orders-api")),
+        )
+        .route(
+            "/orders/{id}/pay",
+            post(pay_order).layer(RequireScopes::all(["orders:write"]).realm("orders-api")),
+        )
+        .merge(create)
+        .layer(auth)
+        .with_state(orders_state);
+    let limited = backend.limit(products.merge(orders), per_ip);
 
     let app = limited
         .merge(Router::new().route("/healthz", get(|| async { "ok" })))
@@ -207,9 +274,21 @@ async fn main() {
         .await
         .unwrap_or_else(|e| fail("BIND", e));
     let addr = listener.local_addr().expect("bound address");
-    println!("battlement orders demo listening on http://{addr} (backend: {backend})");
+    println!(
+        "battlement orders demo listening on http://{addr} (backend: {})",
+        backend.name
+    );
     println!("  curl -i http://{addr}/products/p-1");
     println!("  curl -i http://{addr}/healthz");
+    if config.jwt_secret.is_none() {
+        let writer = dev_token(&config, "dev-user", "orders:read orders:write");
+        let reader = dev_token(&config, "dev-reader", "orders:read");
+        println!("dev tokens (JWT_SECRET unset), valid for 24 h:");
+        println!(
+            "  curl -i -X POST http://{addr}/orders -H 'Authorization: Bearer {writer}' \\\n      -H 'Content-Type: application/json' -d '{{\"product_id\":\"p-1\",\"quantity\":2}}'"
+        );
+        println!("  curl -i http://{addr}/orders/ORDER_ID -H 'Authorization: Bearer {reader}'");
+    }
     if cfg!(feature = "metrics") {
         println!("  curl -s http://{addr}/metrics");
     }
@@ -255,44 +334,327 @@ fn metrics_routes() -> Router {
     Router::new()
 }
 
-#[cfg(feature = "redis")]
-async fn with_redis(
-    router: Router,
-    per_ip: battlement::rate_limit::RateLimitBuilder<
-        ClientIp,
-        battlement::rate_limit::DefaultBackend,
-    >,
-    url: &str,
-) -> (Router, String) {
-    use battlement::rate_limit::RedisBackend;
-    use battlement::redis::{RedisConfig, RedisStore};
-    let config = RedisConfig::from_list(url).unwrap_or_else(|e| fail("REDIS_URL", e));
-    let kind = if config.is_cluster() {
-        "redis cluster"
-    } else {
-        "redis"
-    };
-    let store = RedisStore::connect(config)
-        .await
-        .unwrap_or_else(|e| fail("REDIS_URL", e));
-    let layer = per_ip
-        .backend(RedisBackend::new(store))
-        .build()
-        .expect("valid rate limit");
-    (router.layer(layer), format!("{kind} at {url}"))
+/// A dev token signed with the dev secret.
+fn dev_token(config: &Config, subject: &str, scope: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs()
+        + 24 * 3600;
+    let claims = serde_json::json!({
+        "iss": config.jwt_issuer, "aud": config.jwt_audience, "sub": subject,
+        "exp": exp, "scope": scope,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(DEV_SECRET.as_bytes()),
+    )
+    .expect("a dev token")
 }
 
-#[cfg(not(feature = "redis"))]
-async fn with_redis(
-    _router: Router,
-    _per_ip: battlement::rate_limit::RateLimitBuilder<
-        ClientIp,
-        battlement::rate_limit::DefaultBackend,
-    >,
-    _url: &str,
-) -> (Router, String) {
-    fail(
-        "REDIS_URL",
-        "this build has no Redis support: run with `cargo run --features redis --example orders`",
+/// Where shared state lives: this process, or Redis.
+struct Backend {
+    name: String,
+    #[cfg(feature = "redis")]
+    redis: Option<battlement::redis::RedisStore>,
+}
+
+impl Backend {
+    #[cfg(feature = "redis")]
+    async fn connect(url: Option<&str>) -> Self {
+        use battlement::redis::{RedisConfig, RedisStore};
+        let Some(url) = url else {
+            return Self {
+                name: "memory".into(),
+                redis: None,
+            };
+        };
+        let config = RedisConfig::from_list(url).unwrap_or_else(|e| fail("REDIS_URL", e));
+        let kind = if config.is_cluster() {
+            "redis cluster"
+        } else {
+            "redis"
+        };
+        let store = RedisStore::connect(config)
+            .await
+            .unwrap_or_else(|e| fail("REDIS_URL", e));
+        Self {
+            name: format!("{kind} at {url}"),
+            redis: Some(store),
+        }
+    }
+
+    #[cfg(not(feature = "redis"))]
+    async fn connect(url: Option<&str>) -> Self {
+        if url.is_some() {
+            fail(
+                "REDIS_URL",
+                "this build has no Redis support: run with `cargo run --features redis --example orders`",
+            );
+        }
+        Self {
+            name: "memory".into(),
+        }
+    }
+
+    /// `router` behind the rate limit `builder` describes, on this backend.
+    fn limit<S, X>(
+        &self,
+        router: Router<S>,
+        builder: battlement::rate_limit::RateLimitBuilder<
+            X,
+            battlement::rate_limit::DefaultBackend,
+        >,
+    ) -> Router<S>
+    where
+        S: Clone + Send + Sync + 'static,
+        X: battlement::key::KeyExtractor + Clone,
+    {
+        #[cfg(feature = "redis")]
+        if let Some(store) = &self.redis {
+            let layer = builder
+                .backend(battlement::rate_limit::RedisBackend::new(store.clone()))
+                .build()
+                .expect("valid rate limit");
+            return router.layer(layer);
+        }
+        router.layer(builder.build().expect("valid rate limit"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Orders.
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Order {
+    id: String,
+    product_id: String,
+    quantity: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
+    status: String,
+    owner: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewOrder {
+    product_id: String,
+    quantity: u32,
+    note: Option<String>,
+}
+
+/// Orders in this process, or in Redis (one JSON value per order) so that every copy of
+/// the demo sees the same orders.
+#[derive(Clone)]
+enum OrderStore {
+    Memory(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Order>>>),
+    #[cfg(feature = "redis")]
+    Redis(battlement::redis::RedisStore),
+}
+
+enum Paid {
+    Now,
+    Already,
+    NotFound,
+}
+
+/// Moves an order from `pending` to `paid` atomically.
+#[cfg(feature = "redis")]
+const PAY_SCRIPT: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v then return -1 end
+local order = cjson.decode(v)
+if order.owner ~= ARGV[1] then return -1 end
+if order.status ~= 'pending' then return 0 end
+order.status = 'paid'
+redis.call('SET', KEYS[1], cjson.encode(order))
+return 1
+"#;
+
+impl OrderStore {
+    fn new(backend: &Backend) -> Self {
+        #[cfg(feature = "redis")]
+        if let Some(store) = &backend.redis {
+            return OrderStore::Redis(store.clone());
+        }
+        let _ = backend;
+        OrderStore::Memory(Default::default())
+    }
+
+    async fn insert(&self, order: &Order) -> Result<(), String> {
+        match self {
+            OrderStore::Memory(map) => {
+                map.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(order.id.clone(), order.clone());
+                Ok(())
+            }
+            #[cfg(feature = "redis")]
+            OrderStore::Redis(store) => {
+                let key = store.key("order", &order.id);
+                let value = serde_json::to_string(order).map_err(|e| e.to_string())?;
+                store
+                    .call(|mut conn| async move {
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(value)
+                            .query_async::<()>(&mut conn)
+                            .await
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Order>, String> {
+        match self {
+            OrderStore::Memory(map) => Ok(map
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(id)
+                .cloned()),
+            #[cfg(feature = "redis")]
+            OrderStore::Redis(store) => {
+                let key = store.key("order", &id);
+                let value: Option<String> = store
+                    .call(|mut conn| async move {
+                        redis::cmd("GET").arg(&key).query_async(&mut conn).await
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                value
+                    .map(|v| serde_json::from_str(&v).map_err(|e| e.to_string()))
+                    .transpose()
+            }
+        }
+    }
+
+    async fn pay(&self, id: &str, owner: &str) -> Result<Paid, String> {
+        match self {
+            OrderStore::Memory(map) => {
+                let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(match map.get_mut(id) {
+                    Some(order) if order.owner == owner => {
+                        if order.status == "pending" {
+                            order.status = "paid".into();
+                            Paid::Now
+                        } else {
+                            Paid::Already
+                        }
+                    }
+                    _ => Paid::NotFound,
+                })
+            }
+            #[cfg(feature = "redis")]
+            OrderStore::Redis(store) => {
+                let key = store.key("order", &id);
+                let script = battlement::redis::Script::new(PAY_SCRIPT);
+                let outcome: i64 = store
+                    .eval(&script, &[&key], &[owner.as_bytes()])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(match outcome {
+                    1 => Paid::Now,
+                    0 => Paid::Already,
+                    _ => Paid::NotFound,
+                })
+            }
+        }
+    }
+}
+
+fn problem(status: StatusCode, title: &'static str, detail: &'static str) -> Response {
+    let req = axum::http::Request::new(());
+    Rejection::new(status, title)
+        .with_detail(detail)
+        .into_response::<axum::body::Body>(&RequestHead::of(&req))
+        .into_response()
+}
+
+fn store_failed(error: String) -> Response {
+    tracing::error!(%error, "order store failed");
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Service Unavailable",
+        "The order store is unavailable.",
     )
+}
+
+/// `POST /orders`. (Request validation arrives with the validate layer; until then the
+/// handler checks the shape itself.)
+async fn create_order(
+    State(store): State<OrderStore>,
+    Extension(who): Extension<Principal>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Ok(new) = serde_json::from_slice::<NewOrder>(&body) else {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Unprocessable Content",
+            "The body must be {product_id, quantity, note?}.",
+        );
+    };
+    if !valid_product_id(&new.product_id)
+        || !(1..=100).contains(&new.quantity)
+        || new.note.as_ref().is_some_and(|n| n.chars().count() > 500)
+    {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Unprocessable Content",
+            "product_id, quantity or note is out of range.",
+        );
+    }
+    let order = Order {
+        id: battlement::trace::RequestId::generate().to_string(),
+        product_id: new.product_id,
+        quantity: new.quantity,
+        note: new.note,
+        status: "pending".into(),
+        owner: who.subject().to_owned(),
+    };
+    match store.insert(&order).await {
+        Ok(()) => (StatusCode::CREATED, Json(order)).into_response(),
+        Err(e) => store_failed(e),
+    }
+}
+
+/// `GET /orders/{id}`: only the owner sees it.
+async fn get_order(
+    State(store): State<OrderStore>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Response {
+    match store.get(&id).await {
+        Ok(Some(order)) if order.owner == who.subject() => {
+            let mut res = Json(order).into_response();
+            res.headers_mut().insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, no-store"),
+            );
+            res
+        }
+        Ok(_) => problem(StatusCode::NOT_FOUND, "Not Found", "No such order."),
+        Err(e) => store_failed(e),
+    }
+}
+
+/// `POST /orders/{id}/pay`: `pending` to `paid`, once.
+async fn pay_order(
+    State(store): State<OrderStore>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Response {
+    match store.pay(&id, who.subject()).await {
+        Ok(Paid::Now) => Json(serde_json::json!({"id": id, "status": "paid"})).into_response(),
+        Ok(Paid::Already) => problem(
+            StatusCode::CONFLICT,
+            "Conflict",
+            "The order is already paid.",
+        ),
+        Ok(Paid::NotFound) => problem(StatusCode::NOT_FOUND, "Not Found", "No such order."),
+        Err(e) => store_failed(e),
+    }
 }

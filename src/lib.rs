@@ -74,6 +74,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod annotate;
+#[cfg(feature = "auth")]
+pub mod auth;
 pub mod body;
 pub mod key;
 #[cfg(feature = "metrics")]
