@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`trace`] | one structured event per request, request ids, W3C trace context, panic capture |
 //! | [`rate_limit`] | GCRA rate limiting over several named policies, in memory or on Redis |
+//! | [`auth`] | JWT bearer tokens with JWKS, API keys, scopes and policy hooks, RFC 6750 refusals |
 //! | [`metrics`] | bounded-cardinality request metrics through the `metrics` facade |
 //! | [`key`] | what layers key on: the client IP behind trusted proxies, a header, the principal |
 //! | [`reject`] | one refusal type, rendered as RFC 9457 problem+json or a gRPC status |
@@ -62,6 +63,7 @@
 //!
 //! - `rate-limit` (default): the [`rate_limit`] layer.
 //! - `trace` (default): the [`trace`] layer.
+//! - `auth` (default): the [`auth`] layers.
 //! - `metrics`: request metrics recorded by the trace layer (implies `trace`).
 //! - `redis`: the Redis backends and [`redis`] plumbing.
 //! - `axum`: [`key::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`, and the trace layer
