@@ -39,7 +39,9 @@ use battlement::principal::Principal;
 use battlement::rate_limit::{Quota, RateLimitLayer};
 use battlement::reject::Rejection;
 use battlement::trace::{RoutePolicy, TraceLayer};
+use battlement::validate::{ParsedJson, ValidateLayer};
 use jsonwebtoken::Algorithm;
+use serde::Deserialize;
 use tracing::Level;
 
 struct Config {
@@ -245,7 +247,9 @@ async fn main() {
     let create = backend.limit(
         Router::new().route(
             "/orders",
-            post(create_order).layer(RequireScopes::all(["orders:write"]).realm("orders-api")),
+            post(create_order)
+                .layer::<_, std::convert::Infallible>(order_validation())
+                .layer(RequireScopes::all(["orders:write"]).realm("orders-api")),
         ),
         per_subject,
     );
@@ -437,7 +441,7 @@ struct Order {
     owner: String,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewOrder {
     product_id: String,
@@ -583,30 +587,42 @@ fn store_failed(error: String) -> Response {
     )
 }
 
-/// `POST /orders`. (Request validation arrives with the validate layer; until then the
-/// handler checks the shape itself.)
+/// The body of `POST /orders`: checked by the validate layer before the handler runs.
+fn order_validation() -> ValidateLayer {
+    ValidateLayer::builder()
+        .max_body(16 * 1024)
+        .content_types(["application/json"])
+        .schema(serde_json::json!({
+            "type": "object",
+            "properties": {
+                "product_id": {
+                    "type": "string", "minLength": 1, "maxLength": 64,
+                    "pattern": "^[A-Za-z0-9_-]+$"
+                },
+                "quantity": {"type": "integer", "minimum": 1, "maximum": 100},
+                "note": {"type": "string", "maxLength": 500}
+            },
+            "required": ["product_id", "quantity"],
+            "additionalProperties": false
+        }))
+        .build()
+        .expect("a valid order schema")
+}
+
+/// `POST /orders`: the body was validated and parsed by the layer.
 async fn create_order(
     State(store): State<OrderStore>,
     Extension(who): Extension<Principal>,
-    body: axum::body::Bytes,
+    Extension(ParsedJson(body)): Extension<ParsedJson>,
 ) -> Response {
-    let Ok(new) = serde_json::from_slice::<NewOrder>(&body) else {
+    let Ok(new) = NewOrder::deserialize(&*body) else {
+        // The schema and the type agree; this is a bug if it happens.
         return problem(
             StatusCode::UNPROCESSABLE_ENTITY,
             "Unprocessable Content",
-            "The body must be {product_id, quantity, note?}.",
+            "The body does not fit an order.",
         );
     };
-    if !valid_product_id(&new.product_id)
-        || !(1..=100).contains(&new.quantity)
-        || new.note.as_ref().is_some_and(|n| n.chars().count() > 500)
-    {
-        return problem(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "Unprocessable Content",
-            "product_id, quantity or note is out of range.",
-        );
-    }
     let order = Order {
         id: battlement::trace::RequestId::generate().to_string(),
         product_id: new.product_id,

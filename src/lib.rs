@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`trace`] | one structured event per request, request ids, W3C trace context, panic capture |
 //! | [`rate_limit`] | GCRA rate limiting over several named policies, in memory or on Redis |
+//! | [`validate`] | bounded bodies, JSON parsed once with limits, JSON Schema, `422` with every violation |
 //! | [`auth`] | JWT bearer tokens with JWKS, API keys, scopes and policy hooks, RFC 6750 refusals |
 //! | [`metrics`] | bounded-cardinality request metrics through the `metrics` facade |
 //! | [`key`] | what layers key on: the client IP behind trusted proxies, a header, the principal |
@@ -64,6 +65,7 @@
 //! - `rate-limit` (default): the [`rate_limit`] layer.
 //! - `trace` (default): the [`trace`] layer.
 //! - `auth` (default): the [`auth`] layers.
+//! - `validate` (default): the [`validate`] layer.
 //! - `metrics`: request metrics recorded by the trace layer (implies `trace`).
 //! - `redis`: the Redis backends and [`redis`] plumbing.
 //! - `axum`: [`key::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`, and the trace layer
@@ -90,6 +92,8 @@ pub mod redis;
 pub mod reject;
 #[cfg(feature = "trace")]
 pub mod trace;
+#[cfg(feature = "validate")]
+pub mod validate;
 
 pub use body::ResponseBody;
 pub use key::{ClientIp, KeyExtractor, RequestHead};

@@ -1,0 +1,179 @@
+//! The [`ResponseFuture`] of the [`super::Validate`] service.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http::request::Parts;
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::layer::Shared;
+use super::service::{Found, finish, head_of_parts, refuse, too_large};
+use crate::body::ResponseBody;
+
+pub(crate) struct Collect<S> {
+    parts: Option<Parts>,
+    buf: BytesMut,
+    service: Option<S>,
+    shared: Arc<Shared>,
+    found: Option<Found>,
+}
+
+pin_project! {
+    /// The response future of [`super::Validate`].
+    pub struct ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        #[pin]
+        state: State<S, ReqBody>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        Collecting { #[pin] body: ReqBody, collect: Box<Collect<S>> },
+        Inner { #[pin] future: S::Future },
+        Refused { response: Option<Response<Bytes>> },
+    }
+}
+
+impl<S, ReqBody> fmt::Debug for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody> ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    pub(crate) fn inner(future: S::Future) -> Self {
+        Self {
+            state: State::Inner { future },
+        }
+    }
+
+    pub(crate) fn refused(response: Response<Bytes>) -> Self {
+        Self {
+            state: State::Refused {
+                response: Some(response),
+            },
+        }
+    }
+
+    pub(crate) fn collecting(
+        req: Request<ReqBody>,
+        service: S,
+        shared: Arc<Shared>,
+        found: Found,
+        declared: Option<u64>,
+    ) -> Self {
+        let (parts, body) = req.into_parts();
+        let capacity = declared
+            .map_or(8 * 1024, |n| n as usize)
+            .min(shared.max_body);
+        Self {
+            state: State::Collecting {
+                body,
+                collect: Box::new(Collect {
+                    parts: Some(parts),
+                    buf: BytesMut::with_capacity(capacity),
+                    service: Some(service),
+                    shared,
+                    found: Some(found),
+                }),
+            },
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: Body<Data = Bytes> + From<Bytes>,
+    ReqBody::Error: fmt::Display,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let next = match this.state.as_mut().project() {
+                StateProj::Collecting { mut body, collect } => {
+                    let max = collect.shared.max_body;
+                    let refusal = loop {
+                        match ready!(body.as_mut().poll_frame(cx)) {
+                            Some(Ok(frame)) => {
+                                if let Ok(data) = frame.into_data() {
+                                    if collect.buf.len() + data.len() > max {
+                                        let parts = collect.parts.as_ref().expect("parts");
+                                        break Some(too_large(&head_of_parts(parts), max));
+                                    }
+                                    collect.buf.extend_from_slice(&data);
+                                }
+                            }
+                            Some(Err(error)) => {
+                                let parts = collect.parts.as_ref().expect("parts");
+                                break Some(refuse(
+                                    &head_of_parts(parts),
+                                    StatusCode::BAD_REQUEST,
+                                    "Bad Request",
+                                    format!("The body could not be read: {error}."),
+                                ));
+                            }
+                            None => break None,
+                        }
+                    };
+                    match refusal {
+                        Some(response) => State::Refused {
+                            response: Some(response),
+                        },
+                        None => {
+                            let parts = collect.parts.take().expect("polled after completion");
+                            let bytes: Bytes = std::mem::take(&mut collect.buf).freeze();
+                            let found = collect.found.take().unwrap_or_default();
+                            match finish::<ReqBody>(&collect.shared, parts, bytes, found) {
+                                Ok(req) => {
+                                    let mut service =
+                                        collect.service.take().expect("polled after completion");
+                                    State::Inner {
+                                        future: service.call(req),
+                                    }
+                                }
+                                Err(response) => State::Refused {
+                                    response: Some(*response),
+                                },
+                            }
+                        }
+                    }
+                }
+                StateProj::Inner { future } => {
+                    return future
+                        .poll(cx)
+                        .map_ok(|response| response.map(ResponseBody::inner));
+                }
+                StateProj::Refused { response } => {
+                    let response = response
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Ok(response.map(ResponseBody::full)));
+                }
+            };
+            this.state.set(next);
+        }
+    }
+}

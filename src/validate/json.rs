@@ -1,0 +1,405 @@
+//! JSON parsed once, with limits that hold before anything large is built.
+//!
+//! A first linear pass over the bytes checks what `serde_json` would let through silently
+//! or too late: nesting depth, string, array and object sizes, and numbers (an integer that
+//! fits neither `i64` nor `u64`, a number that overflows to infinity or underflows to zero,
+//! are refused, not rounded). The parse itself is `serde_json`'s, into a `Value`, refusing
+//! duplicate object keys (a handler's own deserializer might keep the other one).
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
+
+/// Limits on a JSON document.
+///
+/// ```
+/// use battlement::validate::JsonLimits;
+///
+/// let limits = JsonLimits::default().max_depth(16).max_string_len(1024);
+/// let err = limits.parse(br#"{"a": [[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]}"#).unwrap_err();
+/// assert!(err.to_string().contains("deeper than 16"));
+/// assert_eq!(limits.parse(br#"{"a": 1}"#).unwrap()["a"], 1);
+/// assert!(limits.parse(br#"{"a": 1, "a": 2}"#).is_err());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct JsonLimits {
+    depth: usize,
+    string: usize,
+    array: usize,
+    members: usize,
+}
+
+impl Default for JsonLimits {
+    fn default() -> Self {
+        Self {
+            depth: 64,
+            string: 64 * 1024,
+            array: 10_000,
+            members: 1_000,
+        }
+    }
+}
+
+/// Why a JSON document was refused, and where (a byte offset into the body).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what} at byte {offset}")]
+pub struct JsonError {
+    /// What is wrong.
+    pub what: String,
+    /// Where, in bytes from the start of the body.
+    pub offset: usize,
+}
+
+impl JsonError {
+    fn new(what: impl Into<String>, offset: usize) -> Self {
+        Self {
+            what: what.into(),
+            offset,
+        }
+    }
+}
+
+impl JsonLimits {
+    /// Deepest nesting of arrays and objects (default 64).
+    pub fn max_depth(mut self, depth: usize) -> Self {
+        self.depth = depth;
+        self
+    }
+
+    /// Longest string, in bytes as sent (default 64 KiB).
+    pub fn max_string_len(mut self, bytes: usize) -> Self {
+        self.string = bytes;
+        self
+    }
+
+    /// Most elements in one array (default 10,000).
+    pub fn max_array_len(mut self, len: usize) -> Self {
+        self.array = len;
+        self
+    }
+
+    /// Most members in one object (default 1,000).
+    pub fn max_members(mut self, members: usize) -> Self {
+        self.members = members;
+        self
+    }
+
+    /// Parses `bytes` under these limits.
+    pub fn parse(&self, bytes: &[u8]) -> Result<Value, JsonError> {
+        self.scan(bytes)?;
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        // The scan bounded the depth; serde_json's own limit (128) stays as a backstop.
+        let value = ValueSeed
+            .deserialize(&mut de)
+            .map_err(|e| serde_error(bytes, &e))?;
+        de.end().map_err(|e| serde_error(bytes, &e))?;
+        Ok(value)
+    }
+
+    /// The linear pre-pass: depth, sizes and numbers.
+    fn scan(&self, bytes: &[u8]) -> Result<(), JsonError> {
+        // Per open container: (is an object, separators seen, has content).
+        let mut stack: Vec<(bool, usize, bool)> = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            match b {
+                b'"' => {
+                    let start = i;
+                    i += 1;
+                    loop {
+                        match bytes.get(i) {
+                            None => return Err(JsonError::new("unterminated string", start)),
+                            Some(b'\\') => i += 2,
+                            Some(b'"') => break,
+                            Some(_) => i += 1,
+                        }
+                    }
+                    if i - start - 1 > self.string {
+                        return Err(JsonError::new(
+                            format!("a string longer than {} bytes", self.string),
+                            start,
+                        ));
+                    }
+                    if let Some(top) = stack.last_mut() {
+                        top.2 = true;
+                    }
+                }
+                b'[' | b'{' => {
+                    if let Some(top) = stack.last_mut() {
+                        top.2 = true;
+                    }
+                    if stack.len() >= self.depth {
+                        return Err(JsonError::new(
+                            format!("nesting deeper than {}", self.depth),
+                            i,
+                        ));
+                    }
+                    stack.push((b == b'{', 0, false));
+                }
+                b']' | b'}' => {
+                    stack.pop();
+                }
+                b',' => {
+                    if let Some(top) = stack.last_mut() {
+                        top.1 += 1;
+                        let (limit, what) = if top.0 {
+                            (self.members, "an object with more than")
+                        } else {
+                            (self.array, "an array with more than")
+                        };
+                        if top.1 >= limit {
+                            let unit = if top.0 { "members" } else { "elements" };
+                            return Err(JsonError::new(format!("{what} {limit} {unit}"), i));
+                        }
+                    }
+                }
+                b'-' | b'0'..=b'9' => {
+                    let start = i;
+                    while i < bytes.len()
+                        && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                    {
+                        i += 1;
+                    }
+                    check_number(&bytes[start..i], start)?;
+                    if let Some(top) = stack.last_mut() {
+                        top.2 = true;
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses an integer outside `i64`/`u64` and a number that overflows or underflows `f64`.
+/// Malformed numbers are left to the parser, which reports them with their position.
+fn check_number(token: &[u8], offset: usize) -> Result<(), JsonError> {
+    let Ok(text) = std::str::from_utf8(token) else {
+        return Ok(());
+    };
+    let integer = !token.iter().any(|b| matches!(b, b'.' | b'e' | b'E'));
+    if integer {
+        let fits = if text.starts_with('-') {
+            text.parse::<i64>().is_ok()
+        } else {
+            text.parse::<u64>().is_ok()
+        };
+        // A malformed integer ("01", "-") is the parser's to report.
+        let well_formed = text
+            .trim_start_matches('-')
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            && text.len() > usize::from(text.starts_with('-'));
+        if !fits && well_formed {
+            return Err(JsonError::new(
+                "an integer that does not fit 64 bits",
+                offset,
+            ));
+        }
+        return Ok(());
+    }
+    let Ok(value) = text.parse::<f64>() else {
+        return Ok(());
+    };
+    if value.is_infinite() {
+        return Err(JsonError::new("a number too large for a double", offset));
+    }
+    if value == 0.0 {
+        let mantissa = text.split(['e', 'E']).next().unwrap_or("");
+        if mantissa.bytes().any(|b| matches!(b, b'1'..=b'9')) {
+            return Err(JsonError::new("a number too small for a double", offset));
+        }
+    }
+    Ok(())
+}
+
+/// A `serde_json` error as a byte offset (it reports lines and columns).
+fn serde_error(bytes: &[u8], e: &serde_json::Error) -> JsonError {
+    let (line, column) = (e.line(), e.column());
+    let mut offset = 0;
+    let mut current = 1;
+    for (i, b) in bytes.iter().enumerate() {
+        if current == line {
+            offset = i;
+            break;
+        }
+        if *b == b'\n' {
+            current += 1;
+            offset = i + 1;
+        }
+    }
+    let offset = (offset + column.saturating_sub(1)).min(bytes.len());
+    let what = match e.classify() {
+        serde_json::error::Category::Eof => "unexpected end of input".to_owned(),
+        _ => {
+            // serde_json's message names the position itself; keep the reason only.
+            let text = e.to_string();
+            match text.rfind(" at line ") {
+                Some(cut) => text[..cut].to_owned(),
+                None => text,
+            }
+        }
+    };
+    JsonError::new(what, offset)
+}
+
+/// Builds a `Value`, refusing duplicate keys.
+struct ValueSeed;
+
+impl<'de> DeserializeSeed<'de> for ValueSeed {
+    type Value = Value;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+struct ValueVisitor;
+
+impl<'de> Visitor<'de> for ValueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("a number that is not finite"))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(item) = seq.next_element_seed(ValueSeed)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(ValueSeed)?;
+            if out.insert(key, value).is_some() {
+                return Err(de::Error::custom("a duplicate object key"));
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &[u8]) -> Result<Value, JsonError> {
+        JsonLimits::default().parse(s)
+    }
+
+    #[test]
+    fn a_depth_bomb_is_refused_fast_without_recursion() {
+        let bomb = "[".repeat(100_000);
+        let err = parse(bomb.as_bytes()).unwrap_err();
+        assert_eq!(err.offset, 64);
+        assert!(err.what.contains("deeper than 64"));
+        let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert!(parse(ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let err = parse(br#"{"a": 1, "b": {"c": 1, "c": 2}}"#).unwrap_err();
+        assert!(err.what.contains("duplicate"), "{err}");
+        assert!(parse(br#"{"a": {"c": 1}, "b": {"c": 2}}"#).is_ok());
+    }
+
+    #[test]
+    fn numbers_are_never_rounded_silently() {
+        assert!(parse(b"9223372036854775807").is_ok());
+        assert!(parse(b"-9223372036854775808").is_ok());
+        assert!(parse(b"18446744073709551615").is_ok());
+        for bad in [
+            &b"18446744073709551616"[..],
+            b"-9223372036854775809",
+            b"[1, 123456789012345678901234567890]",
+            b"1e400",
+            b"-1e400",
+            b"1e-400",
+            b"{\"x\": 2.5e-330}",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(
+                err.what.contains("number") || err.what.contains("integer"),
+                "{err}"
+            );
+        }
+        assert!(parse(b"0.0").is_ok());
+        assert!(parse(b"0e10").is_ok());
+        assert!(parse(b"1.5e300").is_ok());
+    }
+
+    #[test]
+    fn sizes_are_bounded() {
+        let limits = JsonLimits::default()
+            .max_string_len(8)
+            .max_array_len(3)
+            .max_members(2);
+        assert!(limits.parse(br#""12345678""#).is_ok());
+        assert!(limits.parse(br#""123456789""#).is_err());
+        assert!(limits.parse(b"[1,2,3]").is_ok());
+        assert!(limits.parse(b"[1,2,3,4]").is_err());
+        assert!(limits.parse(br#"{"a":1,"b":2}"#).is_ok());
+        assert!(limits.parse(br#"{"a":1,"b":2,"c":3}"#).is_err());
+        // Commas inside strings are not separators.
+        assert!(limits.parse(br#"["a,b,c,d"]"#).is_ok());
+        assert!(limits.parse(br#"["a\",b,c"]"#).is_ok());
+    }
+
+    #[test]
+    fn malformed_json_reports_the_offset() {
+        let err = parse(b"{\"a\": 1,\n \"b\": ]}").unwrap_err();
+        // The `]` where a value should be.
+        assert_eq!(err.offset, 15, "{err}");
+        let err = parse(b"{\"a\": 1").unwrap_err();
+        assert!(err.what.contains("end of input"), "{err}");
+        assert!(parse(b"{} x").is_err());
+        assert!(parse(b"").is_err());
+    }
+
+    #[test]
+    fn invalid_utf8_is_refused() {
+        assert!(parse(b"\"\xff\xfe\"").is_err());
+        assert!(parse("\"é\"".as_bytes()).is_ok());
+    }
+}
