@@ -578,7 +578,7 @@ impl JwtValidator {
             Ok(true) => Err(AuthFailure::Revoked),
             Err(error) if self.revocation_fail_closed => {
                 tracing::warn!(%error, "battlement::auth: revocation check failed; refusing");
-                Err(AuthFailure::KeysUnavailable)
+                Err(AuthFailure::RevocationUnavailable)
             }
             Err(error) => {
                 tracing::warn!(%error, "battlement::auth: revocation check failed; accepting");

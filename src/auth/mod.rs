@@ -201,6 +201,9 @@ pub enum AuthFailure {
     /// The signing keys cannot be fetched and the last ones are too old to trust.
     #[error("the signing keys are unavailable")]
     KeysUnavailable,
+    /// The revocation store cannot be asked (and the validator fails closed).
+    #[error("the revocation store is unavailable")]
+    RevocationUnavailable,
     /// The principal lacks a required scope.
     #[error("insufficient scope")]
     InsufficientScope,
@@ -229,6 +232,7 @@ impl AuthFailure {
             AuthFailure::Revoked => "revoked",
             AuthFailure::ApiKey => "invalid_api_key",
             AuthFailure::KeysUnavailable => "keys_unavailable",
+            AuthFailure::RevocationUnavailable => "revocation_unavailable",
             AuthFailure::InsufficientScope => "insufficient_scope",
             AuthFailure::Forbidden => "forbidden",
         }
@@ -243,7 +247,9 @@ impl AuthFailure {
         match self {
             AuthFailure::Ambiguous => StatusCode::BAD_REQUEST,
             AuthFailure::InsufficientScope | AuthFailure::Forbidden => StatusCode::FORBIDDEN,
-            AuthFailure::KeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            AuthFailure::KeysUnavailable | AuthFailure::RevocationUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::UNAUTHORIZED,
         }
     }
@@ -270,8 +276,10 @@ impl AuthFailure {
             AuthFailure::Missing => None,
             AuthFailure::Ambiguous => Some("invalid_request"),
             AuthFailure::InsufficientScope => Some("insufficient_scope"),
-            AuthFailure::Forbidden | AuthFailure::KeysUnavailable => {
-                if self == AuthFailure::KeysUnavailable {
+            AuthFailure::Forbidden
+            | AuthFailure::KeysUnavailable
+            | AuthFailure::RevocationUnavailable => {
+                if self.status() == StatusCode::SERVICE_UNAVAILABLE {
                     rejection = rejection.with_header(RETRY_AFTER, HeaderValue::from_static("5"));
                 }
                 return rejection;
