@@ -9,10 +9,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::jwks::Jwks;
 use super::keys::{KeySet, VerifyKey};
+use super::layer::Claims;
 use super::revoke::Revocation;
 use super::scope::ScopeClaim;
 use super::{AuthFailure, ConfigError};
@@ -317,8 +318,9 @@ fn system_now() -> u64 {
 pub struct Verified {
     /// The principal (subject, issuer, scopes).
     pub principal: Principal,
-    /// Every claim of the token (a JSON object).
-    pub claims: Arc<Value>,
+    /// Every claim of the token.
+    pub claims: Claims,
+    pub(crate) jti: Option<Arc<str>>,
     pub(crate) exp: u64,
     pub(crate) kid: Option<Arc<str>>,
     pub(crate) issuer: usize,
@@ -336,13 +338,40 @@ struct Header<'a> {
     crit: Option<Value>,
 }
 
+/// The registered claims (and the usual scope claims), decoded without building the whole
+/// claims object: unknown members are skipped, a member given twice is refused.
+#[derive(Deserialize)]
+pub(crate) struct Registered {
+    #[serde(default)]
+    iss: Option<Value>,
+    #[serde(default)]
+    sub: Option<Value>,
+    #[serde(default)]
+    aud: Option<Value>,
+    #[serde(default)]
+    exp: Option<Value>,
+    #[serde(default)]
+    nbf: Option<Value>,
+    #[serde(default)]
+    jti: Option<Value>,
+    #[serde(default)]
+    pub(crate) scope: Option<Value>,
+    #[serde(default)]
+    pub(crate) scp: Option<Value>,
+    #[serde(default)]
+    pub(crate) permissions: Option<Value>,
+    #[serde(default)]
+    pub(crate) realm_access: Option<Value>,
+}
+
 /// The parts of a token after the cheap checks, before the signature.
 pub(crate) struct Parsed<'t> {
     alg: Algorithm,
     kid: Option<String>,
     message: &'t str,
     signature: &'t str,
-    claims: Map<String, Value>,
+    registered: Registered,
+    raw: bytes::Bytes,
     issuer: usize,
 }
 
@@ -490,9 +519,13 @@ impl JwtValidator {
         let claims_bytes = URL_SAFE_NO_PAD
             .decode(claims)
             .map_err(|_| AuthFailure::Malformed)?;
-        let claims: Map<String, Value> =
+        // The claims must be one JSON object; only the registered members are decoded now.
+        if claims_bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(AuthFailure::Malformed);
+        }
+        let registered: Registered =
             serde_json::from_slice(&claims_bytes).map_err(|_| AuthFailure::Malformed)?;
-        let iss = match claims.get("iss") {
+        let iss = match &registered.iss {
             Some(Value::String(iss)) => iss,
             _ => return Err(AuthFailure::MissingClaim),
         };
@@ -507,7 +540,8 @@ impl JwtValidator {
             kid,
             message: &token[..message_len],
             signature,
-            claims,
+            registered,
+            raw: bytes::Bytes::from(claims_bytes),
             issuer,
         })
     }
@@ -525,19 +559,19 @@ impl JwtValidator {
         if !valid {
             return Err(AuthFailure::Signature);
         }
-        let claims = parsed.claims;
+        let claims = &parsed.registered;
         let issuer = &self.issuers[parsed.issuer];
         let now = (self.clock)();
-        let exp = numeric(&claims, "exp")?.ok_or(AuthFailure::MissingClaim)?;
+        let exp = numeric(claims.exp.as_ref())?.ok_or(AuthFailure::MissingClaim)?;
         if now > exp.saturating_add(self.leeway) {
             return Err(AuthFailure::Expired);
         }
-        if let Some(nbf) = numeric(&claims, "nbf")?
+        if let Some(nbf) = numeric(claims.nbf.as_ref())?
             && now.saturating_add(self.leeway) < nbf
         {
             return Err(AuthFailure::NotYetValid);
         }
-        let audience_ok = match claims.get("aud") {
+        let audience_ok = match &claims.aud {
             Some(Value::String(aud)) => issuer.audiences.iter().any(|a| **a == **aud),
             Some(Value::Array(auds)) => auds.iter().any(|v| {
                 v.as_str()
@@ -549,11 +583,15 @@ impl JwtValidator {
         if !audience_ok {
             return Err(AuthFailure::Audience);
         }
-        let subject = match claims.get("sub") {
+        let subject = match &claims.sub {
             Some(Value::String(sub)) if !sub.is_empty() => sub.as_str(),
             _ => return Err(AuthFailure::MissingClaim),
         };
-        let scopes = self.scope_claim.scopes(&claims);
+        let jti = match &claims.jti {
+            Some(Value::String(jti)) => Some(Arc::from(jti.as_str())),
+            _ => None,
+        };
+        let scopes = self.scope_claim.scopes(claims, &parsed.raw);
         let principal = Principal::new(subject, AuthScheme::Bearer)
             .with_issuer(&*issuer.iss)
             .with_scopes(scopes);
@@ -562,7 +600,8 @@ impl JwtValidator {
             exp,
             kid: key.kid.clone(),
             issuer: parsed.issuer,
-            claims: Arc::new(Value::Object(claims)),
+            jti,
+            claims: Claims::from_json(parsed.raw),
         })
     }
 
@@ -570,7 +609,7 @@ impl JwtValidator {
         let Some(revocation) = &self.revocation else {
             return Ok(());
         };
-        let Some(Value::String(jti)) = verified.claims.get("jti") else {
+        let Some(jti) = verified.jti.as_deref() else {
             return Ok(());
         };
         match revocation.is_revoked(jti).await {
@@ -589,8 +628,8 @@ impl JwtValidator {
 }
 
 /// A NumericDate claim: absent is `None`; present but not a non-negative number is an error.
-fn numeric(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, AuthFailure> {
-    match claims.get(name) {
+fn numeric(claim: Option<&Value>) -> Result<Option<u64>, AuthFailure> {
+    match claim {
         None => Ok(None),
         Some(Value::Number(n)) => {
             if let Some(v) = n.as_u64() {

@@ -1,7 +1,9 @@
 //! [`AuthLayer`] and its builder.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
 
 use http::Extensions;
 use serde::de::DeserializeOwned;
@@ -14,33 +16,67 @@ use super::service::Auth;
 use super::{AuthFailure, Challenge, ConfigError, valid_realm};
 use crate::key::RequestHead;
 
-/// Every claim of a verified token, in the request extensions for handlers.
+/// Every claim of a verified token, in the request extensions for handlers. The claims are
+/// kept as the token's JSON and decoded on first use (the validator itself decodes only the
+/// claims it checks).
 ///
 /// ```
 /// use battlement::auth::Claims;
-/// use serde_json::json;
-/// use std::sync::Arc;
 ///
-/// let claims = Claims(Arc::new(json!({"sub": "u1", "tenant": "acme"})));
+/// let claims = Claims::from_json(r#"{"sub": "u1", "tenant": "acme"}"#);
 /// assert_eq!(claims.get("tenant").and_then(|v| v.as_str()), Some("acme"));
+///
+/// #[derive(serde::Deserialize)]
+/// struct Mine { tenant: String }
+/// assert_eq!(claims.deserialize::<Mine>().unwrap().tenant, "acme");
 /// ```
-#[derive(Clone, Debug)]
-pub struct Claims(pub Arc<Value>);
+#[derive(Clone)]
+pub struct Claims {
+    raw: Bytes,
+    parsed: Arc<OnceLock<Value>>,
+}
+
+impl fmt::Debug for Claims {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Claims")
+            .field("bytes", &self.raw.len())
+            .finish_non_exhaustive()
+    }
+}
 
 impl Claims {
-    /// The claim `name`.
-    pub fn get(&self, name: &str) -> Option<&Value> {
-        self.0.get(name)
+    /// Claims from a JSON object.
+    pub fn from_json(json: impl Into<Bytes>) -> Self {
+        Self {
+            raw: json.into(),
+            parsed: Arc::default(),
+        }
     }
 
-    /// The claims as your own type.
+    /// The claims as a JSON value (`Null` if they are not JSON), decoded once.
+    pub fn value(&self) -> &Value {
+        self.parsed
+            .get_or_init(|| serde_json::from_slice(&self.raw).unwrap_or(Value::Null))
+    }
+
+    /// The claim `name`.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.value().get(name)
+    }
+
+    /// The claims as your own type, decoded from the JSON.
     pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        T::deserialize(&*self.0)
+        serde_json::from_slice(&self.raw)
+    }
+
+    /// The claims' JSON, as the token carried it.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.raw
     }
 }
 
 type CustomSource = dyn Fn(&RequestHead<'_>) -> Option<String> + Send + Sync;
-type ClaimsInserter = dyn Fn(&Value, &mut Extensions) -> bool + Send + Sync;
+type ClaimsInserter = dyn Fn(&Claims, &mut Extensions) -> bool + Send + Sync;
 
 /// Where a bearer token may be found. A request carrying one in more than one place is
 /// refused with `400 invalid_request`.
@@ -186,7 +222,7 @@ impl AuthBuilder {
         C: DeserializeOwned + Clone + Send + Sync + 'static,
     {
         self.claims = Some(Arc::new(
-            |claims: &Value, ext: &mut Extensions| match C::deserialize(claims) {
+            |claims: &Claims, ext: &mut Extensions| match claims.deserialize::<C>() {
                 Ok(typed) => {
                     ext.insert(typed);
                     true

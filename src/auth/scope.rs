@@ -9,10 +9,11 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::jwt::Registered;
 use super::revoke::BoxFuture;
 use super::{AuthFailure, Challenge, annotate, valid_realm};
 use crate::body::ResponseBody;
@@ -37,23 +38,22 @@ pub enum ScopeClaim {
 }
 
 impl ScopeClaim {
-    /// The scopes in `claims`; none when the claim is absent or of another type.
-    pub(crate) fn scopes(&self, claims: &Map<String, Value>) -> Vec<String> {
+    /// The scopes of a token; none when the claim is absent or of another type. `raw` is
+    /// the whole claims object, read only for a custom path.
+    pub(crate) fn scopes(&self, registered: &Registered, raw: &[u8]) -> Vec<String> {
+        let parsed;
         let value = match self {
-            ScopeClaim::Scope => claims.get("scope"),
-            ScopeClaim::Scp => claims.get("scp"),
-            ScopeClaim::Permissions => claims.get("permissions"),
-            ScopeClaim::RealmRoles => claims.get("realm_access").and_then(|v| v.get("roles")),
+            ScopeClaim::Scope => registered.scope.as_ref(),
+            ScopeClaim::Scp => registered.scp.as_ref(),
+            ScopeClaim::Permissions => registered.permissions.as_ref(),
+            ScopeClaim::RealmRoles => registered
+                .realm_access
+                .as_ref()
+                .and_then(|v| v.get("roles")),
             ScopeClaim::Path(path) => {
-                let mut value = None;
-                for (i, segment) in path.iter().enumerate() {
-                    value = if i == 0 {
-                        claims.get(segment)
-                    } else {
-                        value.and_then(|v: &Value| v.get(segment))
-                    };
-                }
-                value
+                parsed = serde_json::from_slice::<Value>(raw).unwrap_or(Value::Null);
+                path.iter()
+                    .try_fold(&parsed, |v, segment| v.get(segment.as_str()))
             }
         };
         match value {

@@ -55,7 +55,7 @@ pub(crate) fn accept<B>(
     shared: &Shared,
     req: &mut Request<B>,
     principal: Principal,
-    claims: Option<Arc<serde_json::Value>>,
+    claims: Option<Claims>,
 ) -> Result<(), AuthFailure> {
     let extensions = req.extensions_mut();
     if let Some(claims) = claims {
@@ -64,7 +64,7 @@ pub(crate) fn accept<B>(
         {
             return Err(AuthFailure::MissingClaim);
         }
-        extensions.insert(Claims(claims));
+        extensions.insert(claims);
     }
     annotate(extensions, Some(principal.subject()), None);
     extensions.insert(principal);
@@ -98,8 +98,7 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let shared = &*self.shared;
         let found = credentials(shared, &RequestHead::of(&req));
-        let outcome: Result<(Principal, Option<Arc<serde_json::Value>>), AuthFailure> = match found
-        {
+        let outcome: Result<(Principal, Option<Claims>), AuthFailure> = match found {
             Err(failure) => Err(failure),
             Ok(Credentials::None) if shared.optional => {
                 return ResponseFuture::inner(self.inner.call(req));
