@@ -19,7 +19,10 @@ use crate::body::ResponseBody;
 
 pub(crate) struct Collect<S> {
     parts: Option<Parts>,
+    // A body that arrives in one frame (the usual case) is kept as it is, not copied.
+    first: Option<Bytes>,
     buf: BytesMut,
+    len: usize,
     service: Option<S>,
     shared: Arc<Shared>,
     found: Option<Found>,
@@ -91,7 +94,9 @@ where
                 body,
                 collect: Box::new(Collect {
                     parts: Some(parts),
-                    buf: BytesMut::with_capacity(capacity),
+                    first: None,
+                    buf: BytesMut::new(),
+                    len: capacity,
                     service: Some(service),
                     shared,
                     found: Some(found),
@@ -119,11 +124,23 @@ where
                         match ready!(body.as_mut().poll_frame(cx)) {
                             Some(Ok(frame)) => {
                                 if let Ok(data) = frame.into_data() {
-                                    if collect.buf.len() + data.len() > max {
+                                    let so_far = collect.first.as_ref().map_or(0, Bytes::len)
+                                        + collect.buf.len();
+                                    if so_far + data.len() > max {
                                         let parts = collect.parts.as_ref().expect("parts");
                                         break Some(too_large(&head_of_parts(parts), max));
                                     }
-                                    collect.buf.extend_from_slice(&data);
+                                    if so_far == 0 {
+                                        collect.first = Some(data);
+                                    } else {
+                                        if let Some(first) = collect.first.take() {
+                                            collect
+                                                .buf
+                                                .reserve(collect.len.max(so_far + data.len()));
+                                            collect.buf.extend_from_slice(&first);
+                                        }
+                                        collect.buf.extend_from_slice(&data);
+                                    }
                                 }
                             }
                             Some(Err(error)) => {
@@ -144,7 +161,10 @@ where
                         },
                         None => {
                             let parts = collect.parts.take().expect("polled after completion");
-                            let bytes: Bytes = std::mem::take(&mut collect.buf).freeze();
+                            let bytes: Bytes = match collect.first.take() {
+                                Some(first) => first,
+                                None => std::mem::take(&mut collect.buf).freeze(),
+                            };
                             let found = collect.found.take().unwrap_or_default();
                             match finish::<ReqBody>(&collect.shared, parts, bytes, found) {
                                 Ok(req) => {

@@ -88,17 +88,33 @@ impl JsonLimits {
 
     /// Parses `bytes` under these limits.
     pub fn parse(&self, bytes: &[u8]) -> Result<Value, JsonError> {
-        self.scan(bytes)?;
+        let state = State {
+            limits: *self,
+            depth: std::cell::Cell::new(0),
+            suspicious: std::cell::Cell::new(false),
+        };
         let mut de = serde_json::Deserializer::from_slice(bytes);
-        // The scan bounded the depth; serde_json's own limit (128) stays as a backstop.
-        let value = ValueSeed
-            .deserialize(&mut de)
-            .map_err(|e| serde_error(bytes, &e))?;
-        de.end().map_err(|e| serde_error(bytes, &e))?;
-        Ok(value)
+        let parsed = ValueSeed(&state).deserialize(&mut de).and_then(|v| {
+            de.end()?;
+            Ok(v)
+        });
+        match parsed {
+            // A number that may have been rounded (a zero, or an integral value beyond 64
+            // bits): the linear scan looks at the text and decides.
+            Ok(value) if state.suspicious.get() => {
+                self.scan(bytes)?;
+                Ok(value)
+            }
+            Ok(value) => Ok(value),
+            // The scan gives the precise reason and offset for limits and numbers.
+            Err(e) => {
+                self.scan(bytes)?;
+                Err(serde_error(bytes, &e))
+            }
+        }
     }
 
-    /// The linear pre-pass: depth, sizes and numbers.
+    /// The linear scan: depth, sizes and numbers, with byte offsets.
     fn scan(&self, bytes: &[u8]) -> Result<(), JsonError> {
         // Per open container: (is an object, separators seen, has content).
         let mut stack: Vec<(bool, usize, bool)> = Vec::new();
@@ -109,12 +125,16 @@ impl JsonLimits {
                 b'"' => {
                     let start = i;
                     i += 1;
+                    // Most of a document is inside strings: jump to the next quote or
+                    // backslash instead of looking at every byte.
                     loop {
-                        match bytes.get(i) {
+                        match memchr::memchr2(b'"', b'\\', bytes.get(i..).unwrap_or(&[])) {
                             None => return Err(JsonError::new("unterminated string", start)),
-                            Some(b'\\') => i += 2,
-                            Some(b'"') => break,
-                            Some(_) => i += 1,
+                            Some(at) if bytes[i + at] == b'\\' => i += at + 2,
+                            Some(at) => {
+                                i += at;
+                                break;
+                            }
                         }
                     }
                     if i - start - 1 > self.string {
@@ -180,10 +200,16 @@ impl JsonLimits {
 /// Refuses an integer outside `i64`/`u64` and a number that overflows or underflows `f64`.
 /// Malformed numbers are left to the parser, which reports them with their position.
 fn check_number(token: &[u8], offset: usize) -> Result<(), JsonError> {
+    let exponent = token.iter().any(|b| matches!(b, b'e' | b'E'));
+    let integer = !exponent && !token.contains(&b'.');
+    // The common cases cannot overflow or underflow: an integer of at most 18 digits, a
+    // decimal without an exponent and shorter than any double's range. No parsing for them.
+    if (integer && token.len() <= 18) || (!integer && !exponent && token.len() <= 300) {
+        return Ok(());
+    }
     let Ok(text) = std::str::from_utf8(token) else {
         return Ok(());
     };
-    let integer = !token.iter().any(|b| matches!(b, b'.' | b'e' | b'E'));
     if integer {
         let fits = if text.starts_with('-') {
             text.parse::<i64>().is_ok()
@@ -249,20 +275,56 @@ fn serde_error(bytes: &[u8], e: &serde_json::Error) -> JsonError {
     JsonError::new(what, offset)
 }
 
-/// Builds a `Value`, refusing duplicate keys.
-struct ValueSeed;
+/// What the parse tracks: the limits, the current depth, and whether a number was seen that
+/// `serde_json` may have rounded.
+struct State {
+    limits: JsonLimits,
+    depth: std::cell::Cell<usize>,
+    suspicious: std::cell::Cell<bool>,
+}
 
-impl<'de> DeserializeSeed<'de> for ValueSeed {
+/// Builds a `Value` under the limits, refusing duplicate keys.
+struct ValueSeed<'s>(&'s State);
+
+impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
     type Value = Value;
 
     fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
-        deserializer.deserialize_any(ValueVisitor)
+        deserializer.deserialize_any(ValueVisitor(self.0))
     }
 }
 
-struct ValueVisitor;
+struct ValueVisitor<'s>(&'s State);
 
-impl<'de> Visitor<'de> for ValueVisitor {
+impl ValueVisitor<'_> {
+    fn enter<E: de::Error>(&self) -> Result<(), E> {
+        let depth = self.0.depth.get() + 1;
+        if depth > self.0.limits.depth {
+            return Err(E::custom(format_args!(
+                "nesting deeper than {}",
+                self.0.limits.depth
+            )));
+        }
+        self.0.depth.set(depth);
+        Ok(())
+    }
+
+    fn leave(&self) {
+        self.0.depth.set(self.0.depth.get() - 1);
+    }
+
+    fn string<E: de::Error>(&self, v: &str) -> Result<(), E> {
+        if v.len() > self.0.limits.string {
+            return Err(E::custom(format_args!(
+                "a string longer than {} bytes",
+                self.0.limits.string
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Visitor<'de> for ValueVisitor<'_> {
     type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -282,16 +344,23 @@ impl<'de> Visitor<'de> for ValueVisitor {
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        // serde_json reads an integer beyond 64 bits as a float, and a number below the
+        // smallest double as zero: both look like ordinary floats here.
+        if v == 0.0 || v.abs() >= 9.223_372_036_854_775e18 {
+            self.0.suspicious.set(true);
+        }
         Number::from_f64(v)
             .map(Value::Number)
             .ok_or_else(|| E::custom("a number that is not finite"))
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        self.string(v)?;
         Ok(Value::String(v.to_owned()))
     }
 
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        self.string(&v)?;
         Ok(Value::String(v))
     }
 
@@ -300,21 +369,38 @@ impl<'de> Visitor<'de> for ValueVisitor {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
-        while let Some(item) = seq.next_element_seed(ValueSeed)? {
+        self.enter()?;
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(ValueSeed(self.0))? {
+            if items.len() >= self.0.limits.array {
+                return Err(de::Error::custom(format_args!(
+                    "an array with more than {} elements",
+                    self.0.limits.array
+                )));
+            }
             items.push(item);
         }
+        self.leave();
         Ok(Value::Array(items))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.enter()?;
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            let value = map.next_value_seed(ValueSeed)?;
+            self.string(&key)?;
+            if out.len() >= self.0.limits.members {
+                return Err(de::Error::custom(format_args!(
+                    "an object with more than {} members",
+                    self.0.limits.members
+                )));
+            }
+            let value = map.next_value_seed(ValueSeed(self.0))?;
             if out.insert(key, value).is_some() {
                 return Err(de::Error::custom("a duplicate object key"));
             }
         }
+        self.leave();
         Ok(Value::Object(out))
     }
 }
