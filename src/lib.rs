@@ -81,6 +81,9 @@ pub mod annotate;
 #[cfg(feature = "auth")]
 pub mod auth;
 pub mod body;
+// The response cache lands with its layer; its RFC 9111 rules are already built and tested.
+#[cfg(test)]
+mod cache;
 pub mod key;
 #[cfg(feature = "metrics")]
 pub mod metrics;
