@@ -81,8 +81,10 @@ pub mod annotate;
 #[cfg(feature = "auth")]
 pub mod auth;
 pub mod body;
-// The response cache lands with its layer; its RFC 9111 rules are already built and tested.
+// The response cache lands with its layer; its RFC 9111 rules, keys and memory store are
+// already built and tested.
 #[cfg(test)]
+#[allow(dead_code)]
 mod cache;
 pub mod key;
 #[cfg(feature = "metrics")]

@@ -1,0 +1,89 @@
+//! Where cached responses live: one trait, a memory store (and Redis and tiered stores to
+//! come), obeying the same contract.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, StatusCode};
+
+use super::key::Key;
+use super::policy::Freshness;
+
+pub(crate) mod memory;
+
+/// A boxed future, as the store returns (the memory store answers at once, Redis later).
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A stored response.
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    /// The status.
+    pub(crate) status: StatusCode,
+    /// The headers as stored (no `Set-Cookie`, no hop-by-hop headers, no tag headers).
+    pub(crate) headers: HeaderMap,
+    /// The whole body.
+    pub(crate) body: Bytes,
+    /// The trailers, if the response had any.
+    pub(crate) trailers: Option<HeaderMap>,
+    /// When it was stored.
+    pub(crate) stored_at: SystemTime,
+    /// How long it is fresh, and its stale windows.
+    pub(crate) freshness: Freshness,
+}
+
+/// What a key holds.
+#[derive(Clone, Debug)]
+pub(crate) enum Stored {
+    /// A response.
+    Response(Arc<Entry>),
+    /// The primary key of a response that varies: the headers its variants are keyed on.
+    Vary(Arc<[HeaderName]>),
+    /// A recent response for this key was not cacheable: requests go straight to the
+    /// origin for a short while instead of queueing behind one another.
+    Pass,
+}
+
+impl Stored {
+    /// Roughly how many bytes it takes, for stores bounded in bytes.
+    pub(crate) fn weight(&self, key: &[u8]) -> u32 {
+        let own = match self {
+            Stored::Response(entry) => {
+                let headers: usize = entry
+                    .headers
+                    .iter()
+                    .map(|(k, v)| k.as_str().len() + v.len() + 32)
+                    .sum();
+                entry.body.len() + headers + 128
+            }
+            Stored::Vary(names) => names.iter().map(|n| n.as_str().len() + 16).sum(),
+            Stored::Pass => 8,
+        };
+        u32::try_from(own + key.len() + 64).unwrap_or(u32::MAX)
+    }
+}
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+#[allow(dead_code)] // The Redis store will fail; the memory store never does.
+pub(crate) enum StoreError {
+    /// The store did not answer within its time budget.
+    #[error("the cache store timed out")]
+    Timeout,
+    /// The store failed.
+    #[error("the cache store failed: {0}")]
+    Failed(String),
+}
+
+/// A place to keep responses. The contract every store obeys: `get` after `put` returns the
+/// value until `ttl` passes or the key is removed; values are whole (never half written).
+pub(crate) trait Store: Send + Sync + 'static {
+    /// The value under `key`.
+    fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Stored>, StoreError>>;
+    /// Keeps `value` under `key` for `ttl`.
+    fn put(&self, key: Key, value: Stored, ttl: Duration) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Forgets `key`.
+    fn remove<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>>;
+}
