@@ -34,6 +34,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use battlement::auth::{AuthLayer, Issuer, JwtValidator, RequireScopes};
+use battlement::cache::CacheLayer;
 use battlement::key::{ClientIp, RequestHead};
 use battlement::principal::Principal;
 use battlement::rate_limit::{Quota, RateLimitLayer};
@@ -239,10 +240,13 @@ async fn main() {
         .expect("valid auth configuration");
 
     let origin_delay = config.origin_delay;
-    let products = Router::new().route(
-        "/products/{id}",
-        get(move |path, headers| product(path, headers, origin_delay)),
-    );
+    // Cached in memory: one origin call per product per 30 s, however many ask at once.
+    let products = Router::new()
+        .route(
+            "/products/{id}",
+            get(move |path, headers| product(path, headers, origin_delay)),
+        )
+        .layer(CacheLayer::builder().build());
     let orders_state = OrderStore::new(&backend);
     let create = backend.limit(
         Router::new().route(

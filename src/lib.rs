@@ -8,6 +8,7 @@
 //! | [`trace`] | one structured event per request, request ids, W3C trace context, panic capture |
 //! | [`rate_limit`] | GCRA rate limiting over several named policies, in memory or on Redis |
 //! | [`validate`] | bounded bodies, JSON parsed once with limits, JSON Schema, `422` with every violation |
+//! | [`cache`] | a shared response cache: RFC 9111, `Cache-Status`, `304`, one origin call per key |
 //! | [`auth`] | JWT bearer tokens with JWKS, API keys, scopes and policy hooks, RFC 6750 refusals |
 //! | [`metrics`] | bounded-cardinality request metrics through the `metrics` facade |
 //! | [`key`] | what layers key on: the client IP behind trusted proxies, a header, the principal |
@@ -66,6 +67,7 @@
 //! - `trace` (default): the [`trace`] layer.
 //! - `auth` (default): the [`auth`] layers.
 //! - `validate` (default): the [`validate`] layer.
+//! - `cache` (default): the [`cache`] layer.
 //! - `metrics`: request metrics recorded by the trace layer (implies `trace`).
 //! - `redis`: the Redis backends and [`redis`] plumbing.
 //! - `axum`: [`key::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`, and the trace layer
@@ -81,11 +83,8 @@ pub mod annotate;
 #[cfg(feature = "auth")]
 pub mod auth;
 pub mod body;
-// The response cache lands with its layer; its RFC 9111 rules, keys and memory store are
-// already built and tested.
-#[cfg(test)]
-#[allow(dead_code)]
-mod cache;
+#[cfg(feature = "cache")]
+pub mod cache;
 pub mod key;
 #[cfg(feature = "metrics")]
 pub mod metrics;

@@ -50,7 +50,8 @@ impl MemoryStore {
         }
     }
 
-    /// Settles pending evictions (for tests and size reports).
+    /// Settles pending evictions and reports the size (for tests).
+    #[cfg(test)]
     pub(crate) fn weighted_size(&self) -> u64 {
         self.cache.run_pending_tasks();
         self.cache.weighted_size()

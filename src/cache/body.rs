@@ -1,0 +1,149 @@
+//! The origin's body on its way to the client, captured on the side up to a cap.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use super::key::Key;
+use super::policy::Freshness;
+use super::service::{FillGuard, Shared};
+use super::store::{Entry, Stored};
+
+/// What is needed to store the response once its body has ended.
+pub(crate) struct Capture {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) key: Key,
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) freshness: Freshness,
+    pub(crate) buf: BytesMut,
+    pub(crate) fill: Option<FillGuard>,
+}
+
+pin_project! {
+    /// The response body of a cache miss: the origin's body, streamed to the client as it
+    /// comes, and copied (up to the layer's cap) to be stored when it ends. Past the cap the
+    /// copy is abandoned and the client still gets every byte.
+    pub struct CaptureBody<B> {
+        #[pin]
+        inner: B,
+        capture: Option<Box<Capture>>,
+    }
+}
+
+impl<B> CaptureBody<B> {
+    pub(crate) fn new(inner: B, capture: Option<Box<Capture>>) -> Self {
+        Self { inner, capture }
+    }
+}
+
+impl<B> fmt::Debug for CaptureBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaptureBody").finish_non_exhaustive()
+    }
+}
+
+fn store(capture: Box<Capture>, trailers: Option<HeaderMap>) {
+    let Capture {
+        shared,
+        key,
+        status,
+        mut headers,
+        freshness,
+        buf,
+        fill,
+    } = *capture;
+    let body = buf.freeze();
+    // A strong validator for conditional requests, when the origin gave none.
+    if shared.etag && !headers.contains_key(http::header::ETAG) {
+        headers.insert(http::header::ETAG, super::policy::strong_etag(&body));
+    }
+    let entry = Entry {
+        status,
+        headers,
+        body,
+        trailers,
+        stored_at: SystemTime::now(),
+        freshness,
+    };
+    let ttl = freshness.retain();
+    let store = shared.store.clone();
+    // The memory store answers at once; a remote one must not hold up the response.
+    let put = async move {
+        let _ = store.put(key, Stored::Response(Arc::new(entry)), ttl).await;
+        drop(fill);
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(put);
+        }
+        Err(_) => drop(put),
+    }
+}
+
+impl<B> Body for CaptureBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        let polled = ready!(this.inner.as_mut().poll_frame(cx));
+        match &polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let over = this
+                        .capture
+                        .as_ref()
+                        .is_some_and(|c| c.buf.len() + data.len() > c.shared.max_body);
+                    if over {
+                        // Too big to keep: stop copying, release the waiters.
+                        this.capture.take();
+                    } else if let Some(c) = this.capture.as_mut() {
+                        c.buf.extend_from_slice(data);
+                    }
+                    // A body that says it has ended may never be polled again.
+                    if this.inner.is_end_stream()
+                        && let Some(c) = this.capture.take()
+                    {
+                        store(c, None);
+                    }
+                } else if let Some(trailers) = frame.trailers_ref()
+                    && let Some(c) = this.capture.take()
+                {
+                    store(c, Some(trailers.clone()));
+                }
+            }
+            // An error: nothing complete to keep.
+            Some(Err(_)) => {
+                this.capture.take();
+            }
+            None => {
+                if let Some(c) = this.capture.take() {
+                    store(c, None);
+                }
+            }
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,167 @@
+//! [`CacheLayer`] and its builder.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::key::KeyRules;
+use super::policy::Settings;
+use super::service::{Cache, Shared};
+use super::store::memory::MemoryStore;
+
+/// A shared response cache in front of the inner service.
+#[derive(Clone)]
+pub struct CacheLayer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for CacheLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheLayer").finish_non_exhaustive()
+    }
+}
+
+impl CacheLayer {
+    /// Removes the shared entry of `uri` (a path with its query, for example
+    /// `/products/7`), and of every variant of it, so that the next request goes to the
+    /// origin. With a host allowlist, give the host too. Application code and admin routes
+    /// call it when the resource changes; every clone of the layer sees it.
+    ///
+    /// ```
+    /// use battlement::cache::CacheLayer;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache = CacheLayer::builder().build();
+    /// cache.purge("/products/7?view=full", None).await;
+    /// # }
+    /// ```
+    pub async fn purge(&self, uri: &str, host: Option<&str>) {
+        let Ok(uri) = uri.parse::<http::Uri>() else {
+            return;
+        };
+        let mut headers = http::HeaderMap::new();
+        if let Some(host) = host.and_then(|h| http::HeaderValue::from_str(h).ok()) {
+            headers.insert(http::header::HOST, host);
+        }
+        let shared = &self.shared;
+        if let Some(key) =
+            super::key::primary(&shared.rules, &http::Method::GET, &uri, &headers, None)
+        {
+            let _ = shared.store.remove(&key).await;
+        }
+    }
+}
+
+impl<S> Layer<S> for CacheLayer {
+    type Service = Cache<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Cache::new(inner, self.shared.clone())
+    }
+}
+
+/// Builds a [`CacheLayer`].
+#[must_use]
+#[derive(Debug)]
+pub struct CacheBuilder {
+    memory_bytes: u64,
+    default_ttl: Option<Duration>,
+    max_ttl: Duration,
+    max_body: usize,
+    rules: KeyRules,
+    per_principal: bool,
+    name: String,
+}
+
+impl CacheLayer {
+    /// A builder.
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder {
+            memory_bytes: 64 * 1024 * 1024,
+            default_ttl: None,
+            max_ttl: Duration::from_secs(24 * 3600),
+            max_body: 1024 * 1024,
+            rules: KeyRules::default(),
+            per_principal: false,
+            name: "battlement".into(),
+        }
+    }
+}
+
+impl CacheBuilder {
+    /// The memory store's bound in bytes (default 64 MiB).
+    pub fn memory_bytes(mut self, bytes: u64) -> Self {
+        self.memory_bytes = bytes;
+        self
+    }
+
+    /// Freshness for responses that state none (default: such responses are not stored).
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = Some(ttl);
+        self
+    }
+
+    /// The largest body stored (default 1 MiB); bigger ones pass through whole.
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// Caches only requests for these hosts, and keys on the host (default: any host, not
+    /// part of the key).
+    pub fn hosts<I, T>(mut self, hosts: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.rules.hosts = Some(
+            hosts
+                .into_iter()
+                .map(|h| h.into().to_ascii_lowercase())
+                .collect(),
+        );
+        self
+    }
+
+    /// Keys on these query parameters only (default: all of them).
+    pub fn query_params<I, T>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.rules.query_allow = Some(names.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Caches per principal (the subject auth set): requests with credentials are looked up,
+    /// `private` responses stored, each caller seeing only their own entries.
+    pub fn per_principal(mut self, on: bool) -> Self {
+        self.per_principal = on;
+        self
+    }
+
+    /// The cache's name in `Cache-Status` (default `battlement`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The layer.
+    pub fn build(self) -> CacheLayer {
+        let settings = Settings {
+            default_ttl: self.default_ttl,
+            per_principal: self.per_principal,
+            max_ttl: self.max_ttl,
+        };
+        CacheLayer {
+            shared: Arc::new(Shared::new(
+                Arc::new(MemoryStore::new(self.memory_bytes)),
+                self.rules,
+                settings,
+                self.max_body,
+                self.name,
+            )),
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The cache layer in front of an axum router that counts its calls.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+use super::layer::CacheLayer;
+
+#[derive(Clone, Default)]
+struct Origin {
+    calls: Arc<AtomicUsize>,
+}
+
+impl Origin {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+async fn product(State(o): State<Origin>) -> impl IntoResponse {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    ([("cache-control", "public, max-age=30")], "a product")
+}
+
+async fn cookie(State(o): State<Origin>) -> impl IntoResponse {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    (
+        [
+            ("cache-control", "public, max-age=30"),
+            ("set-cookie", "s=1"),
+        ],
+        "with a cookie",
+    )
+}
+
+async fn no_store(State(o): State<Origin>) -> impl IntoResponse {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    ([("cache-control", "no-store")], "fresh every time")
+}
+
+async fn language(State(o): State<Origin>, headers: HeaderMap) -> impl IntoResponse {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    let lang = headers
+        .get("accept-language")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("en")
+        .to_owned();
+    (
+        [
+            ("cache-control", "public, max-age=30"),
+            ("vary", "accept-language"),
+        ],
+        lang,
+    )
+}
+
+async fn big(State(o): State<Origin>) -> impl IntoResponse {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    ([("cache-control", "public, max-age=30")], "x".repeat(4096))
+}
+
+fn app(origin: &Origin) -> Router {
+    Router::new()
+        .route("/product", get(product))
+        .route("/cookie", get(cookie))
+        .route("/no-store", get(no_store))
+        .route("/lang", get(language))
+        .route("/big", get(big))
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().max_body(1024).build())
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+async fn send(app: &Router, req: Request<Body>) -> Answer {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let body =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    // Let the store write that followed the end of the body run.
+    tokio::task::yield_now().await;
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn get_req(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn a_miss_is_stored_and_the_next_request_hits() {
+    let origin = Origin::default();
+    let app = app(&origin);
+    let first = send(&app, get_req("/product")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(
+        first.headers["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("fwd=uri-miss")
+    );
+    let second = send(&app, get_req("/product")).await;
+    assert_eq!(second.body, "a product");
+    let status = second.headers["cache-status"].to_str().unwrap();
+    assert!(status.contains("hit"), "{status}");
+    assert!(second.headers.contains_key("age"));
+    assert!(
+        second.headers.contains_key("etag"),
+        "a strong ETag is generated"
+    );
+    assert_eq!(origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn conditional_and_head_requests_are_answered_from_the_entry() {
+    let origin = Origin::default();
+    let app = app(&origin);
+    send(&app, get_req("/product")).await;
+    let hit = send(&app, get_req("/product")).await;
+    let etag = hit.headers["etag"].clone();
+    let conditional = Request::get("/product")
+        .header("if-none-match", etag)
+        .body(Body::empty())
+        .unwrap();
+    let a = send(&app, conditional).await;
+    assert_eq!(a.status, StatusCode::NOT_MODIFIED);
+    assert!(a.body.is_empty());
+    let head = send(&app, Request::head("/product").body(Body::empty()).unwrap()).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    assert_eq!(origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn set_cookie_is_never_stored() {
+    let origin = Origin::default();
+    let app = app(&origin);
+    for _ in 0..3 {
+        let a = send(&app, get_req("/cookie")).await;
+        assert_eq!(a.headers["set-cookie"], "s=1");
+    }
+    assert_eq!(origin.calls(), 3);
+}
+
+#[tokio::test]
+async fn requests_with_credentials_are_not_answered_from_the_shared_cache() {
+    let origin = Origin::default();
+    let app = app(&origin);
+    send(&app, get_req("/product")).await;
+    let with_auth = Request::get("/product")
+        .header("authorization", "Bearer x")
+        .body(Body::empty())
+        .unwrap();
+    let a = send(&app, with_auth).await;
+    assert!(!a.headers["cache-status"].to_str().unwrap().contains("hit"));
+    assert_eq!(origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn uncacheable_responses_pass_without_queueing() {
+    let origin = Origin::default();
+    let app = app(&origin);
+    for _ in 0..3 {
+        assert_eq!(
+            send(&app, get_req("/no-store")).await.body,
+            "fresh every time"
+        );
+    }
+    assert_eq!(origin.calls(), 3);
+}
+
+#[tokio::test]
+async fn vary_keeps_variants_apart() {
+    let origin = Origin::default();
+    let app = app(&origin);
+    let lang = |l: &str| {
+        Request::get("/lang")
+            .header("accept-language", l)
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_eq!(send(&app, lang("fr")).await.body, "fr");
+    assert_eq!(send(&app, lang("de")).await.body, "de");
+    assert_eq!(send(&app, lang("fr")).await.body, "fr");
+    assert_eq!(send(&app, lang("de")).await.body, "de");
+    assert_eq!(origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_body_over_the_cap_is_delivered_whole_and_not_stored() {
+    let origin = Origin::default();
+    let app = app(&origin);
+    for _ in 0..2 {
+        assert_eq!(send(&app, get_req("/big")).await.body.len(), 4096);
+    }
+    assert_eq!(origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_misses_make_one_origin_call() {
+    let origin = Origin::default();
+    let app = app(&origin);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let app = app.clone();
+        set.spawn(async move { send(&app, get_req("/product")).await });
+    }
+    let mut collapsed = 0;
+    while let Some(a) = set.join_next().await {
+        let a = a.unwrap();
+        assert_eq!(a.body, "a product");
+        if a.headers["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("collapsed")
+        {
+            collapsed += 1;
+        }
+    }
+    assert_eq!(origin.calls(), 1);
+    assert_eq!(collapsed, 99);
+}
+
+#[tokio::test]
+async fn a_purge_sends_the_next_request_to_the_origin() {
+    let origin = Origin::default();
+    let cache = CacheLayer::builder().build();
+    let app = Router::new()
+        .route("/product", get(product))
+        .with_state(origin.clone())
+        .layer(cache.clone());
+    send(&app, get_req("/product")).await;
+    send(&app, get_req("/product")).await;
+    assert_eq!(origin.calls(), 1);
+    cache.purge("/product", None).await;
+    let a = send(&app, get_req("/product")).await;
+    assert!(
+        a.headers["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("fwd=uri-miss")
+    );
+    assert_eq!(origin.calls(), 2);
+}
