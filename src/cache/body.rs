@@ -4,7 +4,6 @@ use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
@@ -70,7 +69,7 @@ fn store(capture: Box<Capture>, trailers: Option<HeaderMap>) {
         headers,
         body,
         trailers,
-        stored_at: SystemTime::now(),
+        stored_at: (shared.clock)(),
         freshness,
     };
     let ttl = freshness.retain();

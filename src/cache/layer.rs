@@ -63,7 +63,6 @@ impl<S> Layer<S> for CacheLayer {
 
 /// Builds a [`CacheLayer`].
 #[must_use]
-#[derive(Debug)]
 pub struct CacheBuilder {
     memory_bytes: u64,
     default_ttl: Option<Duration>,
@@ -72,6 +71,16 @@ pub struct CacheBuilder {
     rules: KeyRules,
     per_principal: bool,
     name: String,
+    clock: Option<Arc<dyn Fn() -> std::time::SystemTime + Send + Sync>>,
+}
+
+impl std::fmt::Debug for CacheBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("memory_bytes", &self.memory_bytes)
+            .field("max_body", &self.max_body)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CacheLayer {
@@ -85,6 +94,7 @@ impl CacheLayer {
             rules: KeyRules::default(),
             per_principal: false,
             name: "battlement".into(),
+            clock: None,
         }
     }
 }
@@ -147,6 +157,15 @@ impl CacheBuilder {
         self
     }
 
+    /// The clock entries are dated and aged by (default: the system clock), for tests.
+    pub fn clock(
+        mut self,
+        clock: impl Fn() -> std::time::SystemTime + Send + Sync + 'static,
+    ) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
     /// The layer.
     pub fn build(self) -> CacheLayer {
         let settings = Settings {
@@ -154,14 +173,18 @@ impl CacheBuilder {
             per_principal: self.per_principal,
             max_ttl: self.max_ttl,
         };
+        let mut shared = Shared::new(
+            Arc::new(MemoryStore::new(self.memory_bytes)),
+            self.rules,
+            settings,
+            self.max_body,
+            self.name,
+        );
+        if let Some(clock) = self.clock {
+            shared.clock = clock;
+        }
         CacheLayer {
-            shared: Arc::new(Shared::new(
-                Arc::new(MemoryStore::new(self.memory_bytes)),
-                self.rules,
-                settings,
-                self.max_body,
-                self.name,
-            )),
+            shared: Arc::new(shared),
         }
     }
 }

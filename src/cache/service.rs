@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{AGE, CONTENT_LENGTH, ETAG, LAST_MODIFIED, SET_COOKIE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
+use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tower_service::Service;
 
@@ -48,6 +49,7 @@ pub(crate) struct Shared {
     pub(crate) pass_for: Duration,
     pub(crate) etag: bool,
     pub(crate) store_timeout: Duration,
+    pub(crate) clock: Arc<dyn Fn() -> SystemTime + Send + Sync>,
     fills: Mutex<HashMap<Key, watch::Receiver<()>>>,
 }
 
@@ -69,6 +71,7 @@ impl Shared {
             pass_for: Duration::from_secs(5),
             etag: true,
             store_timeout: Duration::from_millis(50),
+            clock: Arc::new(SystemTime::now),
             fills: Mutex::new(HashMap::new()),
         }
     }
@@ -162,8 +165,14 @@ fn note<B>(req: &Request<B>, status: CacheStatus, age: Option<u64>) {
 
 /// A stored response, as the answer to `req` (`304` when its validators match, no body
 /// for `HEAD`).
-fn serve<B, R>(shared: &Shared, req: &Request<B>, entry: &Entry, collapsed: bool) -> Answer<R> {
-    let now = SystemTime::now();
+fn serve<B, R>(
+    shared: &Shared,
+    req: &Request<B>,
+    entry: &Entry,
+    collapsed: bool,
+    fwd: Option<&str>,
+) -> Answer<R> {
+    let now = (shared.clock)();
     let age = policy::age_header(&entry.headers).unwrap_or(0) + policy::age(entry.stored_at, now);
     let ttl = entry.freshness.ttl(entry.stored_at, now);
     let not_modified = policy::not_modified(
@@ -175,17 +184,16 @@ fn serve<B, R>(shared: &Shared, req: &Request<B>, entry: &Entry, collapsed: bool
     headers.insert(AGE, HeaderValue::from(age));
     headers.insert(
         CACHE_STATUS,
-        cache_status(&shared.name, true, None, false, collapsed, Some(ttl)),
+        cache_status(&shared.name, true, fwd, false, collapsed, Some(ttl)),
     );
-    note(
-        req,
-        if collapsed {
-            CacheStatus::Collapsed
-        } else {
-            CacheStatus::Hit
-        },
-        Some(age),
-    );
+    let status = if fwd == Some("stale") {
+        CacheStatus::Stale
+    } else if collapsed {
+        CacheStatus::Collapsed
+    } else {
+        CacheStatus::Hit
+    };
+    note(req, status, Some(age));
     let (status, body) = if not_modified {
         headers.remove(CONTENT_LENGTH);
         (StatusCode::NOT_MODIFIED, ResponseBody::empty())
@@ -231,12 +239,118 @@ fn stored_headers(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// Calls the origin with `req` and wraps the response so that it is stored when its body
+/// ends (if it may be), or leaves a pass marker (if it may not).
+async fn from_origin<S, ReqBody, ResBody>(
+    shared: &Arc<Shared>,
+    inner: &mut S,
+    req: Request<ReqBody>,
+    key: &Key,
+    fill: Option<FillGuard>,
+    fwd: &str,
+    keep_stale: bool,
+) -> Result<Answer<ResBody>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+{
+    let method = req.method().clone();
+    let req_headers = req.headers().clone();
+    let response = inner.call(req).await?;
+    let decision = policy::storable(
+        &method,
+        &req_headers,
+        response.status(),
+        response.headers(),
+        &shared.settings,
+        (shared.clock)(),
+    );
+    let vary = policy::vary(response.headers());
+    let (freshness, vary) = match (decision, vary) {
+        (Storable::Yes(freshness), Ok(vary)) => (freshness, vary),
+        _ => {
+            // A pass marker says "this resource is not cacheable"; a server error says
+            // nothing of the kind, and must not replace a stale entry kept for errors.
+            if method == Method::GET && !response.status().is_server_error() && !keep_stale {
+                let _ = shared
+                    .store
+                    .put(key.clone(), Stored::Pass, shared.pass_for)
+                    .await;
+            }
+            drop(fill);
+            return Ok(forwarded(shared, response, fwd, None));
+        }
+    };
+    let store_key: Key = if vary.is_empty() {
+        key.clone()
+    } else {
+        let names: Arc<[HeaderName]> = vary.clone().into();
+        let _ = shared
+            .store
+            .put(key.clone(), Stored::Vary(names), freshness.retain())
+            .await;
+        variant(key, &vary, &req_headers)
+    };
+    let capture = Box::new(Capture {
+        shared: shared.clone(),
+        key: store_key,
+        status: response.status(),
+        headers: stored_headers(response.headers()),
+        freshness,
+        buf: BytesMut::new(),
+        fill,
+    });
+    Ok(forwarded(shared, response, fwd, Some(capture)))
+}
+
+/// A stale entry was served: refresh it once, in the background, from a copy of the
+/// request's head (no other request for the key queues behind it).
+fn revalidate_in_background<S, ReqBody, ResBody>(
+    shared: &Arc<Shared>,
+    inner: &S,
+    req: &Request<ReqBody>,
+    key: &Key,
+) where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    ReqBody: Default + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+{
+    let Role::Leader(guard) = claim(shared, key) else {
+        // Someone is refreshing it already.
+        return;
+    };
+    let mut copy = Request::new(ReqBody::default());
+    *copy.method_mut() = Method::GET;
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    let shared = shared.clone();
+    let mut inner = inner.clone();
+    let key = key.clone();
+    tokio::spawn(async move {
+        if std::future::poll_fn(|cx| inner.poll_ready(cx))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if let Ok(response) =
+            from_origin(&shared, &mut inner, copy, &key, Some(guard), "stale", true).await
+        {
+            // Read the body to its end, which stores it.
+            let _ = response.into_body().collect().await;
+        }
+    });
+}
+
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Send,
-    ReqBody: Send + 'static,
+    ReqBody: Default + Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
 {
     type Response = Answer<ResBody>;
@@ -272,31 +386,44 @@ where
             let Some(key) = key else {
                 note(&req, CacheStatus::Bypass, None);
                 let response = inner.call(req).await?;
-                return Ok(forwarded(
-                    &shared,
-                    response,
-                    verdict.fwd().unwrap_or("bypass"),
-                    None,
-                ));
+                let fwd = verdict.fwd().unwrap_or("bypass");
+                return Ok(forwarded(&shared, response, fwd, None));
             };
             let mut collapsed = false;
             let mut fwd = verdict.fwd().unwrap_or("uri-miss");
             let mut fill = None;
+            // A stale entry kept for `stale-if-error`, served if the origin fails.
+            let mut fallback: Option<Arc<Entry>> = None;
             if verdict == RequestVerdict::Lookup {
                 let request_cc = CacheControl::parse(req.headers());
                 loop {
                     match lookup(&shared, &key, req.headers()).await {
                         Some((_, Stored::Response(entry))) => {
+                            let now = (shared.clock)();
                             match policy::staleness(
                                 entry.stored_at,
                                 &entry.freshness,
-                                SystemTime::now(),
+                                now,
                                 &request_cc,
                             ) {
                                 Staleness::Fresh => {
-                                    return Ok(serve(&shared, &req, &entry, collapsed));
+                                    return Ok(serve(&shared, &req, &entry, collapsed, None));
                                 }
-                                _ => fwd = "stale",
+                                Staleness::StaleWhileRevalidate => {
+                                    revalidate_in_background(&shared, &inner, &req, &key);
+                                    return Ok(serve(
+                                        &shared,
+                                        &req,
+                                        &entry,
+                                        collapsed,
+                                        Some("stale"),
+                                    ));
+                                }
+                                Staleness::StaleIfError => {
+                                    fwd = "stale";
+                                    fallback = Some(entry);
+                                }
+                                Staleness::Expired => fwd = "stale",
                             }
                         }
                         Some((_, Stored::Pass)) => {
@@ -307,8 +434,9 @@ where
                         }
                         _ => {}
                     }
-                    if collapsed {
-                        // Woken, and still nothing usable: go to the origin ourselves.
+                    if collapsed || fallback.is_some() {
+                        // Woken and still nothing usable, or a stale entry to fall back on:
+                        // go to the origin ourselves.
                         break;
                     }
                     match claim(&shared, &key) {
@@ -324,55 +452,25 @@ where
                 }
             }
             note(&req, CacheStatus::Miss, None);
-            let method = req.method().clone();
-            let req_headers = req.headers().clone();
-            let response = inner.call(req).await?;
-            let now = SystemTime::now();
-            let decision = policy::storable(
-                &method,
-                &req_headers,
-                response.status(),
-                response.headers(),
-                &shared.settings,
-                now,
+            let Some(stale) = fallback else {
+                return from_origin(&shared, &mut inner, req, &key, fill, fwd, false).await;
+            };
+            // stale-if-error: the origin's 5xx or error is answered with the stale entry.
+            let head = Request::from_parts(
+                {
+                    let (parts, _) = Request::new(()).into_parts();
+                    let mut parts = parts;
+                    parts.method = req.method().clone();
+                    parts.uri = req.uri().clone();
+                    parts.headers = req.headers().clone();
+                    parts
+                },
+                (),
             );
-            let vary = policy::vary(response.headers());
-            let (freshness, vary) = match (decision, vary) {
-                (Storable::Yes(freshness), Ok(vary)) => (freshness, vary),
-                _ => {
-                    if method == Method::GET {
-                        let store = shared.store.clone();
-                        let pass_key = key.clone();
-                        let ttl = shared.pass_for;
-                        tokio::spawn(async move {
-                            let _ = store.put(pass_key, Stored::Pass, ttl).await;
-                        });
-                    }
-                    drop(fill);
-                    return Ok(forwarded(&shared, response, fwd, None));
-                }
-            };
-            let store_key: Key = if vary.is_empty() {
-                key.clone()
-            } else {
-                let names: Arc<[HeaderName]> = vary.clone().into();
-                let _ = shared
-                    .store
-                    .put(key.clone(), Stored::Vary(names), freshness.retain())
-                    .await;
-                variant(&key, &vary, &req_headers)
-            };
-            let mut headers = stored_headers(response.headers());
-            let capture = Box::new(Capture {
-                shared: shared.clone(),
-                key: store_key,
-                status: response.status(),
-                headers: std::mem::take(&mut headers),
-                freshness,
-                buf: BytesMut::new(),
-                fill,
-            });
-            Ok(forwarded(&shared, response, fwd, Some(capture)))
+            match from_origin(&shared, &mut inner, req, &key, fill, fwd, true).await {
+                Ok(response) if !response.status().is_server_error() => Ok(response),
+                _ => Ok(serve(&shared, &head, &stale, false, Some("stale"))),
+            }
         })
     }
 }

@@ -261,3 +261,115 @@ async fn a_purge_sends_the_next_request_to_the_origin() {
     );
     assert_eq!(origin.calls(), 2);
 }
+
+/// A clock the test moves, in whole seconds from a fixed start.
+#[derive(Clone, Default)]
+struct TestClock(Arc<AtomicUsize>);
+
+impl TestClock {
+    fn advance(&self, secs: usize) {
+        self.0.fetch_add(secs, Ordering::SeqCst);
+    }
+    fn now(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH
+            + Duration::from_secs(1_800_000_000 + self.0.load(Ordering::SeqCst) as u64)
+    }
+}
+
+#[derive(Clone, Default)]
+struct Versioned {
+    calls: Arc<AtomicUsize>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn versioned(State(o): State<Versioned>) -> axum::response::Response {
+    let n = o.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    if o.failing.load(Ordering::SeqCst) {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    (
+        [(
+            "cache-control",
+            "public, max-age=10, stale-while-revalidate=60, stale-if-error=600",
+        )],
+        format!("v{n}"),
+    )
+        .into_response()
+}
+
+fn versioned_app(origin: &Versioned, clock: &TestClock, path: &'static str) -> Router {
+    let c = clock.clone();
+    Router::new()
+        .route(path, get(versioned))
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().clock(move || c.now()).build())
+}
+
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    let origin = Versioned::default();
+    let clock = TestClock::default();
+    let app = versioned_app(&origin, &clock, "/v");
+    assert_eq!(send(&app, get_req("/v")).await.body, "v1");
+    clock.advance(20);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let app = app.clone();
+        set.spawn(async move { send(&app, get_req("/v")).await });
+    }
+    while let Some(a) = set.join_next().await {
+        let a = a.unwrap();
+        assert_eq!(a.body, "v1", "stale served at once");
+        let status = a.headers["cache-status"].to_str().unwrap().to_owned();
+        assert!(
+            status.contains("hit") && status.contains("fwd=stale"),
+            "{status}"
+        );
+    }
+    settle().await;
+    assert_eq!(
+        origin.calls.load(Ordering::SeqCst),
+        2,
+        "one background refresh"
+    );
+    let a = send(&app, get_req("/v")).await;
+    assert_eq!(a.body, "v2");
+    assert!(
+        !a.headers["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("stale")
+    );
+}
+
+#[tokio::test]
+async fn stale_if_error_answers_an_origin_failure_with_the_stale_entry() {
+    let origin = Versioned::default();
+    let clock = TestClock::default();
+    let app = versioned_app(&origin, &clock, "/v");
+    assert_eq!(send(&app, get_req("/v")).await.body, "v1");
+    origin.failing.store(true, Ordering::SeqCst);
+    // Past stale-while-revalidate, within stale-if-error.
+    clock.advance(100);
+    let a = send(&app, get_req("/v")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body, "v1");
+    assert!(
+        a.headers["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("fwd=stale")
+    );
+    // Again: the failure did not replace the stale entry.
+    assert_eq!(send(&app, get_req("/v")).await.body, "v1");
+    // Past every window: the failure goes through.
+    clock.advance(1000);
+    let a = send(&app, get_req("/v")).await;
+    assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
+}
