@@ -146,3 +146,88 @@ where
         self.inner.size_hint()
     }
 }
+
+pin_project! {
+    /// The response body of the cache layer: a body being captured, or the body of a fill
+    /// that runs in its own task (so that the client that started it can go away without
+    /// stopping it for everyone waiting), relayed through a channel.
+    pub struct CacheBody<B>
+    where
+        B: Body,
+    {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B>
+    where
+        B: Body,
+    {
+        Capture { #[pin] body: CaptureBody<B> },
+        Relay { rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, B::Error>>, done: bool },
+    }
+}
+
+impl<B: Body> CacheBody<B> {
+    pub(crate) fn capture(body: CaptureBody<B>) -> Self {
+        Self {
+            kind: Kind::Capture { body },
+        }
+    }
+
+    pub(crate) fn relay(rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, B::Error>>) -> Self {
+        Self {
+            kind: Kind::Relay { rx, done: false },
+        }
+    }
+}
+
+impl<B: Body> fmt::Debug for CacheBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheBody").finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for CacheBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Capture { body } => body.poll_frame(cx),
+            KindProj::Relay { rx, done } => {
+                if *done {
+                    return Poll::Ready(None);
+                }
+                let next = ready!(rx.poll_recv(cx));
+                if next.is_none() {
+                    *done = true;
+                }
+                Poll::Ready(next)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Capture { body } => body.is_end_stream(),
+            Kind::Relay { done, .. } => *done,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Capture { body } => body.size_hint(),
+            Kind::Relay { .. } => SizeHint::default(),
+        }
+    }
+}

@@ -17,8 +17,12 @@
 //!   `If-None-Match` / `If-Modified-Since` get `304`, `HEAD` is answered from the `GET`
 //!   entry.
 //! - Concurrent misses for one key make one origin call; the others wait (a bounded time)
-//!   and are answered from what it stored. A response that turns out uncacheable leaves a
-//!   short "pass" marker so that later requests go straight to the origin.
+//!   and are answered from what it stored. The fill runs in a task of its own, so a client
+//!   that goes away does not restart it for the others. A response that turns out
+//!   uncacheable leaves a short "pass" marker so that later requests go straight to the
+//!   origin.
+//! - RFC 5861: `stale-while-revalidate` serves the stale entry and refreshes it once in the
+//!   background; `stale-if-error` answers an origin `5xx` or error with the stale entry.
 //! - The body streams to the client while it is captured up to a cap (1 MiB); past the cap
 //!   the copy is abandoned and the client still gets every byte. Trailers are kept.
 //!
@@ -54,7 +58,7 @@ pub(crate) mod policy;
 mod service;
 pub(crate) mod store;
 
-pub use body::CaptureBody;
+pub use body::{CacheBody, CaptureBody};
 pub use layer::{CacheBuilder, CacheLayer};
 pub use service::Cache;
 

@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tower_service::Service;
 
-use super::body::{Capture, CaptureBody};
+use super::body::{CacheBody, Capture, CaptureBody};
 use super::key::{Key, KeyRules, primary, variant};
 use super::policy::{
     self, CacheControl, RequestVerdict, Settings, Staleness, Storable, cache_status,
@@ -141,7 +141,7 @@ impl<S> std::fmt::Debug for Cache<S> {
     }
 }
 
-type Answer<B> = Response<ResponseBody<CaptureBody<B>>>;
+type Answer<B> = Response<ResponseBody<CacheBody<B>>>;
 
 async fn lookup(shared: &Shared, key: &[u8], headers: &HeaderMap) -> Option<(Key, Stored)> {
     let get = |k: Key| async move {
@@ -165,7 +165,7 @@ fn note<B>(req: &Request<B>, status: CacheStatus, age: Option<u64>) {
 
 /// A stored response, as the answer to `req` (`304` when its validators match, no body
 /// for `HEAD`).
-fn serve<B, R>(
+fn serve<B, R: Body>(
     shared: &Shared,
     req: &Request<B>,
     entry: &Entry,
@@ -212,7 +212,7 @@ fn serve<B, R>(
     response
 }
 
-fn forwarded<R>(
+fn forwarded<R: Body>(
     shared: &Shared,
     response: Response<R>,
     fwd: &str,
@@ -224,7 +224,10 @@ fn forwarded<R>(
         CACHE_STATUS,
         cache_status(&shared.name, false, Some(fwd), stored, false, None),
     );
-    Response::from_parts(parts, ResponseBody::inner(CaptureBody::new(body, capture)))
+    Response::from_parts(
+        parts,
+        ResponseBody::inner(CacheBody::capture(CaptureBody::new(body, capture))),
+    )
 }
 
 /// The headers kept with a stored response.
@@ -316,6 +319,7 @@ fn revalidate_in_background<S, ReqBody, ResBody>(
     S::Error: Send,
     ReqBody: Default + Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     let Role::Leader(guard) = claim(shared, key) else {
         // Someone is refreshing it already.
@@ -345,6 +349,59 @@ fn revalidate_in_background<S, ReqBody, ResBody>(
     });
 }
 
+/// The leader's fill, in a task of its own: the origin's answer is stored however the
+/// leader's client behaves, and relayed to it while it listens.
+async fn fill_in_task<S, ReqBody, ResBody>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    req: Request<ReqBody>,
+    key: Key,
+    fill: Option<FillGuard>,
+    fwd: &'static str,
+) -> Answer<ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
+{
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(16);
+    let task_shared = shared.clone();
+    let render = crate::reject::RenderContext::of(&crate::key::RequestHead::of(&req));
+    tokio::spawn(async move {
+        let answer = from_origin(&task_shared, &mut inner, req, &key, fill, fwd, false).await;
+        let Ok(response) = answer else {
+            // The inner service failed: the leader answers that itself (see below).
+            return;
+        };
+        let (parts, body) = response.into_parts();
+        let _ = head_tx.send(parts);
+        let mut body = std::pin::pin!(body);
+        let mut listening = true;
+        while let Some(frame) = body.frame().await {
+            let failed = frame.is_err();
+            if listening && frames_tx.send(frame).await.is_err() {
+                // The client went away; keep reading so that the entry is stored.
+                listening = false;
+            }
+            if failed {
+                break;
+            }
+        }
+    });
+    match head_rx.await {
+        Ok(parts) => Response::from_parts(parts, ResponseBody::inner(CacheBody::relay(frames_rx))),
+        Err(_) => {
+            let rejection = crate::reject::Rejection::new(StatusCode::BAD_GATEWAY, "Bad Gateway")
+                .with_detail("The origin failed to answer.");
+            render.render(&rejection).map(ResponseBody::full)
+        }
+    }
+}
+
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -352,6 +409,7 @@ where
     S::Error: Send,
     ReqBody: Default + Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
 {
     type Response = Answer<ResBody>;
     type Error = S::Error;
@@ -453,6 +511,9 @@ where
             }
             note(&req, CacheStatus::Miss, None);
             let Some(stale) = fallback else {
+                if fill.is_some() {
+                    return Ok(fill_in_task(shared, inner, req, key, fill, fwd).await);
+                }
                 return from_origin(&shared, &mut inner, req, &key, fill, fwd, false).await;
             };
             // stale-if-error: the origin's 5xx or error is answered with the stale entry.

@@ -373,3 +373,61 @@ async fn stale_if_error_answers_an_origin_failure_with_the_stale_entry() {
     let a = send(&app, get_req("/v")).await;
     assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
 }
+
+#[tokio::test]
+async fn a_disconnecting_leader_does_not_restart_the_fill() {
+    let origin = Origin::default();
+    let app = app(&origin);
+    // The leader starts the fill and goes away before the answer comes.
+    let leader = {
+        let app = app.clone();
+        tokio::spawn(async move { app.oneshot(get_req("/product")).await })
+    };
+    tokio::task::yield_now().await;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let app = app.clone();
+        set.spawn(async move { send(&app, get_req("/product")).await });
+    }
+    tokio::task::yield_now().await;
+    leader.abort();
+    while let Some(a) = set.join_next().await {
+        assert_eq!(a.unwrap().body, "a product");
+    }
+    assert_eq!(origin.calls(), 1, "the fill went on without its client");
+}
+
+#[tokio::test]
+async fn trailers_are_kept() {
+    use http_body_util::Full;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let service = tower::ServiceBuilder::new()
+        .layer(CacheLayer::builder().build())
+        .service_fn(move |_req: Request<Full<bytes::Bytes>>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", "0".parse().unwrap());
+                let body = crate::body::ResponseBody::<Full<bytes::Bytes>>::with_trailers(
+                    "payload", trailers,
+                );
+                let mut res = http::Response::new(body);
+                res.headers_mut()
+                    .insert("cache-control", "public, max-age=60".parse().unwrap());
+                Ok::<_, std::convert::Infallible>(res)
+            }
+        });
+    for _ in 0..2 {
+        let res = service
+            .clone()
+            .oneshot(Request::get("/t").body(Full::default()).unwrap())
+            .await
+            .unwrap();
+        let collected = res.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), "payload");
+        settle().await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
