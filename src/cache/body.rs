@@ -22,6 +22,7 @@ pub(crate) struct Capture {
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
     pub(crate) freshness: Freshness,
+    pub(crate) tags: Vec<(String, u64)>,
     pub(crate) buf: BytesMut,
     pub(crate) fill: Option<FillGuard>,
 }
@@ -56,6 +57,7 @@ fn store(capture: Box<Capture>, trailers: Option<HeaderMap>) {
         status,
         mut headers,
         freshness,
+        tags,
         buf,
         fill,
     } = *capture;
@@ -71,6 +73,7 @@ fn store(capture: Box<Capture>, trailers: Option<HeaderMap>) {
         trailers,
         stored_at: (shared.clock)(),
         freshness,
+        tags,
     };
     let ttl = freshness.retain();
     let store = shared.store.clone();

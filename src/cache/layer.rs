@@ -53,6 +53,22 @@ impl CacheLayer {
     }
 }
 
+impl CacheLayer {
+    /// Purges every entry whose response named `tag` in a `Surrogate-Key` or `Cache-Tag`
+    /// header (those headers are removed before responses leave). O(1): the tag's version
+    /// moves on, and entries stored under the old one become misses.
+    ///
+    /// ```
+    /// use battlement::cache::CacheLayer;
+    ///
+    /// let cache = CacheLayer::builder().build();
+    /// cache.purge_tag("product-7");
+    /// ```
+    pub fn purge_tag(&self, tag: &str) {
+        self.shared.purge_tag(tag);
+    }
+}
+
 impl<S> Layer<S> for CacheLayer {
     type Service = Cache<S>;
 

@@ -26,6 +26,9 @@
 //! - The body streams to the client while it is captured up to a cap (1 MiB); past the cap
 //!   the copy is abandoned and the client still gets every byte. Trailers are kept.
 //!
+//! - Purges: [`CacheLayer::purge`] by URL, [`CacheLayer::purge_tag`] by the tags a response
+//!   named in `Surrogate-Key` or `Cache-Tag` (removed before the response leaves), in O(1).
+//!
 //! The store is in memory, bounded in bytes. The cache writes its status and the entry's
 //! age into the annotation record.
 //!

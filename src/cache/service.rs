@@ -51,6 +51,9 @@ pub(crate) struct Shared {
     pub(crate) store_timeout: Duration,
     pub(crate) clock: Arc<dyn Fn() -> SystemTime + Send + Sync>,
     fills: Mutex<HashMap<Key, watch::Receiver<()>>>,
+    /// Purge tag versions: purging a tag moves its version on, which every entry stored
+    /// with the old version sees on lookup. O(1) per purge, whatever the number of entries.
+    tag_versions: Mutex<HashMap<String, u64>>,
 }
 
 impl Shared {
@@ -73,7 +76,54 @@ impl Shared {
             store_timeout: Duration::from_millis(50),
             clock: Arc::new(SystemTime::now),
             fills: Mutex::new(HashMap::new()),
+            tag_versions: Mutex::new(HashMap::new()),
         }
+    }
+}
+
+/// Response headers that name purge tags; they never leave the cache.
+const TAG_HEADERS: [&str; 2] = ["surrogate-key", "cache-tag"];
+
+impl Shared {
+    /// The tags of a response (`Surrogate-Key` is space-separated, `Cache-Tag`
+    /// comma-separated), with their current versions.
+    fn tags(&self, headers: &HeaderMap) -> Vec<(String, u64)> {
+        let versions = self.tag_versions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(String, u64)> = Vec::new();
+        for (i, name) in TAG_HEADERS.iter().enumerate() {
+            for value in headers.get_all(*name) {
+                let Ok(text) = value.to_str() else { continue };
+                let parts: Vec<&str> = if i == 0 {
+                    text.split_ascii_whitespace().collect()
+                } else {
+                    text.split(',').map(str::trim).collect()
+                };
+                for tag in parts.into_iter().filter(|t| !t.is_empty()).take(64) {
+                    if !out.iter().any(|(t, _)| t == tag) {
+                        out.push((tag.to_owned(), versions.get(tag).copied().unwrap_or(0)));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a tag of `entry` was purged after it was stored.
+    fn purged(&self, entry: &Entry) -> bool {
+        if entry.tags.is_empty() {
+            return false;
+        }
+        let versions = self.tag_versions.lock().unwrap_or_else(|e| e.into_inner());
+        entry
+            .tags
+            .iter()
+            .any(|(tag, v)| versions.get(tag).copied().unwrap_or(0) != *v)
+    }
+
+    /// Purges every entry stored with `tag`.
+    pub(crate) fn purge_tag(&self, tag: &str) {
+        let mut versions = self.tag_versions.lock().unwrap_or_else(|e| e.into_inner());
+        *versions.entry(tag.to_owned()).or_insert(0) += 1;
     }
 }
 
@@ -220,6 +270,9 @@ fn forwarded<R: Body>(
 ) -> Answer<R> {
     let stored = capture.is_some();
     let (mut parts, body) = response.into_parts();
+    for name in TAG_HEADERS {
+        parts.headers.remove(name);
+    }
     parts.headers.insert(
         CACHE_STATUS,
         cache_status(&shared.name, false, Some(fwd), stored, false, None),
@@ -238,6 +291,9 @@ fn stored_headers(headers: &HeaderMap) -> HeaderMap {
     }
     out.remove(SET_COOKIE);
     out.remove(CACHE_STATUS);
+    for name in TAG_HEADERS {
+        out.remove(name);
+    }
     out.remove(AGE);
     out
 }
@@ -300,6 +356,7 @@ where
         status: response.status(),
         headers: stored_headers(response.headers()),
         freshness,
+        tags: shared.tags(response.headers()),
         buf: BytesMut::new(),
         fill,
     });
@@ -456,7 +513,7 @@ where
                 let request_cc = CacheControl::parse(req.headers());
                 loop {
                     match lookup(&shared, &key, req.headers()).await {
-                        Some((_, Stored::Response(entry))) => {
+                        Some((_, Stored::Response(entry))) if !shared.purged(&entry) => {
                             let now = (shared.clock)();
                             match policy::staleness(
                                 entry.stored_at,

@@ -431,3 +431,70 @@ async fn trailers_are_kept() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+async fn tagged(State(o): State<Origin>) -> impl IntoResponse {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    (
+        [
+            ("cache-control", "public, max-age=300"),
+            ("surrogate-key", "product-7 catalog"),
+        ],
+        "tagged",
+    )
+}
+
+#[tokio::test]
+async fn a_tag_purge_reaches_every_entry_with_the_tag_and_tags_never_leave() {
+    let origin = Origin::default();
+    let cache = CacheLayer::builder().build();
+    let app = Router::new()
+        .route("/a", get(tagged))
+        .route("/b", get(tagged))
+        .with_state(origin.clone())
+        .layer(cache.clone());
+    for path in ["/a", "/b", "/a", "/b"] {
+        let a = send(&app, get_req(path)).await;
+        assert!(
+            !a.headers.contains_key("surrogate-key"),
+            "tags are internal"
+        );
+    }
+    assert_eq!(origin.calls(), 2);
+    cache.purge_tag("unrelated");
+    send(&app, get_req("/a")).await;
+    assert_eq!(origin.calls(), 2);
+    cache.purge_tag("catalog");
+    send(&app, get_req("/a")).await;
+    send(&app, get_req("/b")).await;
+    assert_eq!(origin.calls(), 4, "both entries named the purged tag");
+    send(&app, get_req("/a")).await;
+    assert_eq!(origin.calls(), 4, "the refill is cached again");
+}
+
+#[tokio::test]
+async fn a_header_outside_the_key_cannot_poison_the_entry() {
+    let origin = Origin::default();
+    let app = Router::new()
+        .route("/lang", get(language))
+        .route("/product", get(product))
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().build());
+    // An attacker's request with odd headers fills the entry for a resource that does not
+    // vary on them; the response cannot depend on them, so others get the same bytes.
+    let poisoned = Request::get("/product")
+        .header("x-forwarded-host", "evil.example")
+        .header("host", "evil.example")
+        .body(Body::empty())
+        .unwrap();
+    send(&app, poisoned).await;
+    let a = send(&app, get_req("/product")).await;
+    assert_eq!(a.body, "a product");
+    // On a resource that varies, a variant is only served to requests that match it.
+    let fr = Request::get("/lang")
+        .header("accept-language", "fr")
+        .body(Body::empty())
+        .unwrap();
+    send(&app, fr).await;
+    let plain = send(&app, get_req("/lang")).await;
+    assert_eq!(plain.body, "en");
+}

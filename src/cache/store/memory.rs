@@ -102,6 +102,7 @@ mod tests {
                 stale_if_error: Duration::ZERO,
                 must_revalidate: false,
             },
+            tags: Vec::new(),
         }))
     }
 

@@ -32,6 +32,9 @@ pub(crate) struct Entry {
     pub(crate) stored_at: SystemTime,
     /// How long it is fresh, and its stale windows.
     pub(crate) freshness: Freshness,
+    /// The purge tags of the response, each with its version when the entry was stored: a
+    /// tag purged since then (its version moved on) makes the entry a miss.
+    pub(crate) tags: Vec<(String, u64)>,
 }
 
 /// What a key holds.
