@@ -240,13 +240,14 @@ async fn main() {
         .expect("valid auth configuration");
 
     let origin_delay = config.origin_delay;
-    // Cached in memory: one origin call per product per 30 s, however many ask at once.
+    // Cached (in memory, or in Redis shared by every copy): one origin call per product
+    // per 30 s, however many ask at once.
     let products = Router::new()
         .route(
             "/products/{id}",
             get(move |path, headers| product(path, headers, origin_delay)),
         )
-        .layer(CacheLayer::builder().build());
+        .layer(backend.cache());
     let orders_state = OrderStore::new(&backend);
     let create = backend.limit(
         Router::new().route(
@@ -404,6 +405,15 @@ impl Backend {
         Self {
             name: "memory".into(),
         }
+    }
+
+    /// The product cache, on this backend.
+    fn cache(&self) -> CacheLayer {
+        #[cfg(feature = "redis")]
+        if let Some(store) = &self.redis {
+            return CacheLayer::builder().redis(store.clone()).build();
+        }
+        CacheLayer::builder().build()
     }
 
     /// `router` behind the rate limit `builder` describes, on this backend.

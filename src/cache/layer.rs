@@ -88,6 +88,8 @@ pub struct CacheBuilder {
     per_principal: bool,
     name: String,
     clock: Option<Arc<dyn Fn() -> std::time::SystemTime + Send + Sync>>,
+    #[cfg(feature = "redis")]
+    redis: Option<crate::redis::RedisStore>,
 }
 
 impl std::fmt::Debug for CacheBuilder {
@@ -111,6 +113,8 @@ impl CacheLayer {
             per_principal: false,
             name: "battlement".into(),
             clock: None,
+            #[cfg(feature = "redis")]
+            redis: None,
         }
     }
 }
@@ -173,6 +177,17 @@ impl CacheBuilder {
         self
     }
 
+    /// Keeps entries in Redis, shared by every replica (instead of this process's memory).
+    /// Each call waits at most the store's timeout (50 ms by default); when Redis is slow or
+    /// down, requests go to the origin and are served: the cache never turns a working
+    /// origin into an error.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn redis(mut self, store: crate::redis::RedisStore) -> Self {
+        self.redis = Some(store);
+        self
+    }
+
     /// The clock entries are dated and aged by (default: the system clock), for tests.
     pub fn clock(
         mut self,
@@ -189,13 +204,30 @@ impl CacheBuilder {
             per_principal: self.per_principal,
             max_ttl: self.max_ttl,
         };
-        let mut shared = Shared::new(
-            Arc::new(MemoryStore::new(self.memory_bytes)),
-            self.rules,
-            settings,
-            self.max_body,
-            self.name,
-        );
+        let store: Arc<dyn super::store::Store> = Arc::new(MemoryStore::new(self.memory_bytes));
+        #[cfg(feature = "redis")]
+        let store: Arc<dyn super::store::Store> = match self.redis {
+            Some(redis) => {
+                let timeout = redis.config().call_timeout();
+                let store = Arc::new(super::store::redis::RedisCacheStore::new(redis));
+                let mut shared = Shared::new(
+                    store,
+                    self.rules.clone(),
+                    settings,
+                    self.max_body,
+                    self.name.clone(),
+                );
+                shared.store_timeout = timeout;
+                if let Some(clock) = self.clock.clone() {
+                    shared.clock = clock;
+                }
+                return CacheLayer {
+                    shared: Arc::new(shared),
+                };
+            }
+            None => store,
+        };
+        let mut shared = Shared::new(store, self.rules, settings, self.max_body, self.name);
         if let Some(clock) = self.clock {
             shared.clock = clock;
         }

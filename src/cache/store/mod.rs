@@ -13,6 +13,8 @@ use super::key::Key;
 use super::policy::Freshness;
 
 pub(crate) mod memory;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
 
 /// A boxed future, as the store returns (the memory store answers at once, Redis later).
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -1,0 +1,127 @@
+//! The cache on a real Redis: two layer instances (two replicas) share entries, and a Redis
+//! that goes away turns hits into origin calls, never into errors.
+
+#![cfg(all(feature = "cache", feature = "redis", feature = "axum"))]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use battlement::cache::CacheLayer;
+use battlement::redis::{RedisConfig, RedisStore};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use support::RedisServer;
+use tower::ServiceExt;
+
+#[derive(Clone, Default)]
+struct Origin(Arc<AtomicUsize>);
+
+async fn product(State(o): State<Origin>) -> impl IntoResponse {
+    o.0.fetch_add(1, Ordering::SeqCst);
+    (
+        [("cache-control", "public, max-age=300"), ("etag", "\"v1\"")],
+        "a product from the origin",
+    )
+}
+
+async fn replica(redis: &RedisServer, origin: &Origin) -> Router {
+    let store = RedisStore::connect(RedisConfig::single(redis.url()))
+        .await
+        .unwrap();
+    Router::new()
+        .route("/products/{id}", get(product))
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().redis(store).build())
+}
+
+async fn get_body(app: &Router, uri: &str) -> (StatusCode, String, String) {
+    let res = app
+        .clone()
+        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let cache_status = res
+        .headers()
+        .get("cache-status")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    (status, body, cache_status)
+}
+
+/// Waits until the entry written after the first response's body reaches Redis.
+async fn stored(redis: &RedisServer) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while redis.command(&["DBSIZE"]) == "0" {
+        assert!(Instant::now() < deadline, "nothing was stored in Redis");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_cache() {
+    let redis = RedisServer::start();
+    let origin = Origin::default();
+    let a = replica(&redis, &origin).await;
+    let b = replica(&redis, &origin).await;
+    let (status, body, cache) = get_body(&a, "/products/7").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "a product from the origin")
+    );
+    assert!(cache.contains("fwd=uri-miss"), "{cache}");
+    stored(&redis).await;
+    // The other replica answers from Redis.
+    let (_, body, cache) = get_body(&b, "/products/7").await;
+    assert_eq!(body, "a product from the origin");
+    assert!(cache.contains("hit"), "{cache}");
+    assert_eq!(origin.0.load(Ordering::SeqCst), 1);
+    // Keys in Redis are fixed-length hashes under the prefix, no client bytes.
+    let keys = redis.command(&["KEYS", "*"]);
+    assert!(keys.starts_with("battlement:cache:"), "{keys}");
+    assert!(!keys.contains("products"), "{keys}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_sends_requests_to_the_origin() {
+    let mut redis = RedisServer::start();
+    let origin = Origin::default();
+    let app = replica(&redis, &origin).await;
+    get_body(&app, "/products/1").await;
+    stored(&redis).await;
+    let (_, _, cache) = get_body(&app, "/products/1").await;
+    assert!(cache.contains("hit"));
+    redis.stop();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (status, body, _) = get_body(&app, "/products/1").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "a product from the origin");
+        // Bounded by the store timeout and the breaker, not by TCP timeouts.
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    assert!(origin.0.load(Ordering::SeqCst) >= 6);
+    redis.restart();
+    // Back to caching by itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        get_body(&app, "/products/2").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_, _, cache) = get_body(&app, "/products/2").await;
+        if cache.contains("hit") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "caching did not resume");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
