@@ -125,3 +125,38 @@ async fn a_redis_outage_sends_requests_to_the_origin() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+async fn slow_product(State(o): State<Origin>) -> impl IntoResponse {
+    o.0.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ([("cache-control", "public, max-age=300")], "slow product")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_misses_across_two_replicas_make_one_origin_call() {
+    let redis = RedisServer::start();
+    let origin = Origin::default();
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let store = RedisStore::connect(RedisConfig::single(redis.url()))
+            .await
+            .unwrap();
+        replicas.push(
+            Router::new()
+                .route("/slow", get(slow_product))
+                .with_state(origin.clone())
+                .layer(CacheLayer::builder().redis(store).build()),
+        );
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let app = replicas[i % 2].clone();
+        set.spawn(async move { get_body(&app, "/slow").await });
+    }
+    while let Some(answer) = set.join_next().await {
+        let (status, body, _) = answer.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "slow product");
+    }
+    assert_eq!(origin.0.load(Ordering::SeqCst), 1);
+}

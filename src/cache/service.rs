@@ -133,6 +133,8 @@ pub(crate) struct FillGuard {
     shared: Arc<Shared>,
     key: Key,
     _done: watch::Sender<()>,
+    /// The fill was also claimed in a shared store (other replicas wait for it).
+    claimed_in_store: bool,
 }
 
 impl Drop for FillGuard {
@@ -142,6 +144,15 @@ impl Drop for FillGuard {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.key);
+        if self.claimed_in_store
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            let store = self.shared.store.clone();
+            let key = self.key.clone();
+            handle.spawn(async move {
+                let _ = store.release_fill(&key).await;
+            });
+        }
     }
 }
 
@@ -161,6 +172,7 @@ fn claim(shared: &Arc<Shared>, key: &Key) -> Role {
         shared: shared.clone(),
         key: key.clone(),
         _done: tx,
+        claimed_in_store: false,
     })
 }
 
@@ -406,6 +418,28 @@ fn revalidate_in_background<S, ReqBody, ResBody>(
     });
 }
 
+/// Polls the shared store for the entry another replica is filling, up to the wait budget.
+async fn wait_for_remote_fill(
+    shared: &Shared,
+    key: &Key,
+    headers: &HeaderMap,
+    request_cc: &CacheControl,
+) -> Option<Arc<Entry>> {
+    let deadline = tokio::time::Instant::now() + shared.wait;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Some((_, Stored::Response(entry))) = lookup(shared, key, headers).await {
+            let now = (shared.clock)();
+            if policy::staleness(entry.stored_at, &entry.freshness, now, request_cc)
+                == Staleness::Fresh
+            {
+                return Some(entry);
+            }
+        }
+    }
+    None
+}
+
 /// The leader's fill, in a task of its own: the origin's answer is stored however the
 /// leader's client behaves, and relayed to it while it listens.
 async fn fill_in_task<S, ReqBody, ResBody>(
@@ -555,7 +589,29 @@ where
                         break;
                     }
                     match claim(&shared, &key) {
-                        Role::Leader(guard) => {
+                        Role::Leader(mut guard) => {
+                            if shared.store.shared() {
+                                match shared.store.claim_fill(&key, shared.wait).await {
+                                    Ok(true) => guard.claimed_in_store = true,
+                                    Ok(false) => {
+                                        // Another replica is filling: wait for its entry.
+                                        let headers = req.headers().clone();
+                                        if let Some(entry) = wait_for_remote_fill(
+                                            &shared,
+                                            &key,
+                                            &headers,
+                                            &request_cc,
+                                        )
+                                        .await
+                                        {
+                                            drop(guard);
+                                            return Ok(serve(&shared, &req, &entry, true, None));
+                                        }
+                                    }
+                                    // The store is down: fill without it.
+                                    Err(_) => {}
+                                }
+                            }
                             fill = Some(guard);
                             break;
                         }

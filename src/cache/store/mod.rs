@@ -91,4 +91,25 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn put(&self, key: Key, value: Stored, ttl: Duration) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Forgets `key`.
     fn remove<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Claims the right to fill `key` for `ttl` across every process sharing this store;
+    /// `false` when another process holds it. Stores private to one process need no claim
+    /// (the layer's own single flight covers it).
+    fn claim_fill<'a>(
+        &'a self,
+        _key: &'a [u8],
+        _ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(std::future::ready(Ok(true)))
+    }
+
+    /// Gives up a claim made with [`Store::claim_fill`].
+    fn release_fill<'a>(&'a self, _key: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Whether fills must be coordinated through the store (other processes share it).
+    fn shared(&self) -> bool {
+        false
+    }
 }

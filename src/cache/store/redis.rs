@@ -235,6 +235,51 @@ impl Store for RedisCacheStore {
         })
     }
 
+    fn claim_fill<'a>(
+        &'a self,
+        key: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let lock = format!("{}:fill", self.redis_key(key));
+            let ms = millis(ttl).max(1);
+            let set: Option<String> = self
+                .redis
+                .call(|mut conn| async move {
+                    redis::cmd("SET")
+                        .arg(&lock)
+                        .arg(1)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(ms)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await
+                .map_err(failed)?;
+            Ok(set.is_some())
+        })
+    }
+
+    fn release_fill<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let lock = format!("{}:fill", self.redis_key(key));
+            self.redis
+                .call(|mut conn| async move {
+                    redis::cmd("DEL")
+                        .arg(&lock)
+                        .query_async::<()>(&mut conn)
+                        .await
+                })
+                .await
+                .map_err(failed)
+        })
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn remove<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let redis_key = self.redis_key(key);
