@@ -411,7 +411,7 @@ impl Backend {
     fn cache(&self) -> CacheLayer {
         #[cfg(feature = "redis")]
         if let Some(store) = &self.redis {
-            return CacheLayer::builder().redis(store.clone()).build();
+            return CacheLayer::builder().tiered(store.clone()).build();
         }
         CacheLayer::builder().build()
     }

@@ -136,6 +136,11 @@ impl RedisConfig {
         self
     }
 
+    /// The configured node URLs (one for a single node).
+    pub fn nodes(&self) -> &[String] {
+        &self.nodes
+    }
+
     /// Whether this configuration is for a cluster.
     pub fn is_cluster(&self) -> bool {
         self.cluster

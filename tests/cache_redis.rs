@@ -160,3 +160,49 @@ async fn a_thousand_misses_across_two_replicas_make_one_origin_call() {
     }
     assert_eq!(origin.0.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_on_one_replica_reaches_the_memory_tier_of_another() {
+    let redis = RedisServer::start();
+    let origin = Origin::default();
+    let mut layers = Vec::new();
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        let store = RedisStore::connect(RedisConfig::single(redis.url()))
+            .await
+            .unwrap();
+        let layer = CacheLayer::builder().tiered(store).build();
+        apps.push(
+            Router::new()
+                .route("/products/{id}", get(product))
+                .with_state(origin.clone())
+                .layer(layer.clone()),
+        );
+        layers.push(layer);
+    }
+    // Give both subscribers time to subscribe.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    get_body(&apps[0], "/products/9").await;
+    stored(&redis).await;
+    // Replica 1 reads it from Redis into its memory tier, then serves it from there.
+    let (_, _, cache) = get_body(&apps[1], "/products/9").await;
+    assert!(cache.contains("hit"), "{cache}");
+    let (_, _, cache) = get_body(&apps[1], "/products/9").await;
+    assert!(cache.contains("hit"), "{cache}");
+    assert_eq!(origin.0.load(Ordering::SeqCst), 1);
+    // Purged on replica 0: replica 1's memory tier hears of it.
+    layers[0].purge("/products/9", None).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (_, _, cache) = get_body(&apps[1], "/products/9").await;
+        if cache.contains("fwd=uri-miss") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the purge never reached replica 1: {cache}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(origin.0.load(Ordering::SeqCst), 2);
+}

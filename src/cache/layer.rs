@@ -90,6 +90,8 @@ pub struct CacheBuilder {
     clock: Option<Arc<dyn Fn() -> std::time::SystemTime + Send + Sync>>,
     #[cfg(feature = "redis")]
     redis: Option<crate::redis::RedisStore>,
+    #[cfg(feature = "redis")]
+    tiered: bool,
 }
 
 impl std::fmt::Debug for CacheBuilder {
@@ -115,6 +117,8 @@ impl CacheLayer {
             clock: None,
             #[cfg(feature = "redis")]
             redis: None,
+            #[cfg(feature = "redis")]
+            tiered: false,
         }
     }
 }
@@ -188,6 +192,18 @@ impl CacheBuilder {
         self
     }
 
+    /// Keeps a memory tier (bounded by [`CacheBuilder::memory_bytes`]) in front of Redis:
+    /// hits are served from memory, misses read Redis, and a purge on one replica reaches
+    /// every replica's memory tier through Redis pub/sub. Entries stay in memory at most
+    /// 30 s, which bounds how long a purge missed while disconnected can go unseen.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn tiered(mut self, store: crate::redis::RedisStore) -> Self {
+        self.redis = Some(store);
+        self.tiered = true;
+        self
+    }
+
     /// The clock entries are dated and aged by (default: the system clock), for tests.
     pub fn clock(
         mut self,
@@ -209,7 +225,11 @@ impl CacheBuilder {
         let store: Arc<dyn super::store::Store> = match self.redis {
             Some(redis) => {
                 let timeout = redis.config().call_timeout();
-                let store = Arc::new(super::store::redis::RedisCacheStore::new(redis));
+                let store: Arc<dyn super::store::Store> = if self.tiered {
+                    super::store::tiered::TieredStore::new(redis, self.memory_bytes)
+                } else {
+                    Arc::new(super::store::redis::RedisCacheStore::new(redis))
+                };
                 let mut shared = Shared::new(
                     store,
                     self.rules.clone(),

@@ -29,7 +29,10 @@
 //! - Purges: [`CacheLayer::purge`] by URL, [`CacheLayer::purge_tag`] by the tags a response
 //!   named in `Surrogate-Key` or `Cache-Tag` (removed before the response leaves), in O(1).
 //!
-//! The store is in memory, bounded in bytes. The cache writes its status and the entry's
+//! The store is in memory, bounded in bytes; with the `redis` feature, in Redis
+//! ([`CacheBuilder::redis`]) or tiered, memory in front of Redis ([`CacheBuilder::tiered`]),
+//! where replicas coordinate fills (one origin call across them) and purges reach every
+//! replica's memory tier. A slow or absent store sends requests to the origin. The cache writes its status and the entry's
 //! age into the annotation record.
 //!
 //! ```

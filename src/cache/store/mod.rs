@@ -15,6 +15,8 @@ use super::policy::Freshness;
 pub(crate) mod memory;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
+#[cfg(feature = "redis")]
+pub(crate) mod tiered;
 
 /// A boxed future, as the store returns (the memory store answers at once, Redis later).
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
