@@ -206,3 +206,64 @@ async fn a_purge_on_one_replica_reaches_the_memory_tier_of_another() {
     }
     assert_eq!(origin.0.load(Ordering::SeqCst), 2);
 }
+
+async fn tagged(State(o): State<Origin>) -> impl IntoResponse {
+    o.0.fetch_add(1, Ordering::SeqCst);
+    (
+        [
+            ("cache-control", "public, max-age=300"),
+            ("cache-tag", "catalog, product-3"),
+        ],
+        "tagged product",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_purge_on_one_replica_reaches_the_others() {
+    let redis = RedisServer::start();
+    let origin = Origin::default();
+    let mut layers = Vec::new();
+    let mut apps = Vec::new();
+    for tiered in [true, false] {
+        let store = RedisStore::connect(RedisConfig::single(redis.url()))
+            .await
+            .unwrap();
+        let builder = CacheLayer::builder();
+        let layer = if tiered {
+            builder.tiered(store).build()
+        } else {
+            builder.redis(store).build()
+        };
+        apps.push(
+            Router::new()
+                .route("/t", get(tagged))
+                .with_state(origin.clone())
+                .layer(layer.clone()),
+        );
+        layers.push(layer);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    get_body(&apps[0], "/t").await;
+    stored(&redis).await;
+    for app in &apps {
+        let (_, body, cache) = get_body(app, "/t").await;
+        assert_eq!(body, "tagged product");
+        assert!(cache.contains("hit"), "{cache}");
+    }
+    assert_eq!(origin.0.load(Ordering::SeqCst), 1);
+    // Purged on the plain-Redis replica; the tiered one hears it.
+    layers[1].purge_tag("product-3").await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (_, _, cache) = get_body(&apps[0], "/t").await;
+        if !cache.contains("hit") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tag purge never reached replica 0"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(origin.0.load(Ordering::SeqCst) >= 2);
+}

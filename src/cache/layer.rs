@@ -61,11 +61,13 @@ impl CacheLayer {
     /// ```
     /// use battlement::cache::CacheLayer;
     ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let cache = CacheLayer::builder().build();
-    /// cache.purge_tag("product-7");
+    /// cache.purge_tag("product-7").await;
+    /// # }
     /// ```
-    pub fn purge_tag(&self, tag: &str) {
-        self.shared.purge_tag(tag);
+    pub async fn purge_tag(&self, tag: &str) {
+        self.shared.purge_tag(tag).await;
     }
 }
 
@@ -225,11 +227,12 @@ impl CacheBuilder {
         let store: Arc<dyn super::store::Store> = match self.redis {
             Some(redis) => {
                 let timeout = redis.config().call_timeout();
-                let store: Arc<dyn super::store::Store> = if self.tiered {
-                    super::store::tiered::TieredStore::new(redis, self.memory_bytes)
-                } else {
-                    Arc::new(super::store::redis::RedisCacheStore::new(redis))
-                };
+                // Plain Redis is the tiered store without its memory tier: it still hears
+                // purges of tags from the other replicas.
+                let versions = super::store::TagVersions::default();
+                let memory = if self.tiered { self.memory_bytes } else { 0 };
+                let store: Arc<dyn super::store::Store> =
+                    super::store::tiered::TieredStore::new(redis, memory, versions.clone());
                 let mut shared = Shared::new(
                     store,
                     self.rules.clone(),
@@ -238,6 +241,7 @@ impl CacheBuilder {
                     self.name.clone(),
                 );
                 shared.store_timeout = timeout;
+                shared.tag_versions = versions;
                 if let Some(clock) = self.clock.clone() {
                     shared.clock = clock;
                 }

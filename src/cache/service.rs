@@ -53,7 +53,7 @@ pub(crate) struct Shared {
     fills: Mutex<HashMap<Key, watch::Receiver<()>>>,
     /// Purge tag versions: purging a tag moves its version on, which every entry stored
     /// with the old version sees on lookup. O(1) per purge, whatever the number of entries.
-    tag_versions: Mutex<HashMap<String, u64>>,
+    pub(crate) tag_versions: super::store::TagVersions,
 }
 
 impl Shared {
@@ -76,7 +76,7 @@ impl Shared {
             store_timeout: Duration::from_millis(50),
             clock: Arc::new(SystemTime::now),
             fills: Mutex::new(HashMap::new()),
-            tag_versions: Mutex::new(HashMap::new()),
+            tag_versions: Default::default(),
         }
     }
 }
@@ -120,10 +120,18 @@ impl Shared {
             .any(|(tag, v)| versions.get(tag).copied().unwrap_or(0) != *v)
     }
 
-    /// Purges every entry stored with `tag`.
-    pub(crate) fn purge_tag(&self, tag: &str) {
+    /// Purges every entry stored with `tag`: in every replica when the store is shared
+    /// (a global version from the store; a local version never runs ahead of it, so an old
+    /// entry can never match a newer version), locally otherwise.
+    pub(crate) async fn purge_tag(&self, tag: &str) {
+        let global = self.store.purge_tag(tag).await;
         let mut versions = self.tag_versions.lock().unwrap_or_else(|e| e.into_inner());
-        *versions.entry(tag.to_owned()).or_insert(0) += 1;
+        let current = versions.entry(tag.to_owned()).or_insert(0);
+        match global {
+            Ok(Some(version)) => *current = (*current).max(version),
+            // A store that cannot be told still gets this replica's purge.
+            _ => *current += 1,
+        }
     }
 }
 

@@ -460,10 +460,10 @@ async fn a_tag_purge_reaches_every_entry_with_the_tag_and_tags_never_leave() {
         );
     }
     assert_eq!(origin.calls(), 2);
-    cache.purge_tag("unrelated");
+    cache.purge_tag("unrelated").await;
     send(&app, get_req("/a")).await;
     assert_eq!(origin.calls(), 2);
-    cache.purge_tag("catalog");
+    cache.purge_tag("catalog").await;
     send(&app, get_req("/a")).await;
     send(&app, get_req("/b")).await;
     assert_eq!(origin.calls(), 4, "both entries named the purged tag");

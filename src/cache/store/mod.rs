@@ -1,9 +1,10 @@
 //! Where cached responses live: one trait, a memory store (and Redis and tiered stores to
 //! come), obeying the same contract.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -72,6 +73,9 @@ impl Stored {
     }
 }
 
+/// Purge tag versions, shared by a layer and the store's purge listener.
+pub(crate) type TagVersions = Arc<Mutex<HashMap<String, u64>>>;
+
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
 #[allow(dead_code)] // The Redis store will fail; the memory store never does.
@@ -113,5 +117,11 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Whether fills must be coordinated through the store (other processes share it).
     fn shared(&self) -> bool {
         false
+    }
+
+    /// Moves `tag` to a new version in every process sharing this store, and returns it;
+    /// `None` for a store private to one process (the layer counts locally).
+    fn purge_tag<'a>(&'a self, _tag: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(std::future::ready(Ok(None)))
     }
 }

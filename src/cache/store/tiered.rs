@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 
 use super::memory::MemoryStore;
 use super::redis::RedisCacheStore;
-use super::{BoxFuture, Store, StoreError, Stored};
+use super::{BoxFuture, Store, StoreError, Stored, TagVersions};
 use crate::cache::key::Key;
 use crate::redis::RedisStore as Redis;
 
@@ -16,20 +16,26 @@ use crate::redis::RedisStore as Redis;
 /// replaced on another replica is not served from this one's memory for long.
 const MEMORY_TTL: Duration = Duration::from_secs(30);
 
+/// Marks a purge message that names a tag rather than a key (keys start with a length,
+/// whose first byte is never 0xFF).
+const TAG_MESSAGE: &[u8] = b"\xFFtag\x00";
+
 pub(crate) struct TieredStore {
-    memory: Arc<MemoryStore>,
+    memory: Option<Arc<MemoryStore>>,
     redis: RedisCacheStore,
     publisher: Redis,
     channel: String,
+    versions: TagVersions,
 }
 
 impl TieredStore {
-    /// A memory tier of `memory_bytes` in front of `redis`; spawns the task that listens
-    /// for purges from other replicas (it stops when the store is dropped).
-    pub(crate) fn new(redis: Redis, memory_bytes: u64) -> Arc<Self> {
+    /// A memory tier of `memory_bytes` (none for `0`) in front of `redis`; spawns the task
+    /// that listens for purges from other replicas (it stops when the store is dropped).
+    pub(crate) fn new(redis: Redis, memory_bytes: u64, versions: TagVersions) -> Arc<Self> {
         let channel = redis.key("cache-purge", &"all");
         let store = Arc::new(Self {
-            memory: Arc::new(MemoryStore::new(memory_bytes)),
+            memory: (memory_bytes > 0).then(|| Arc::new(MemoryStore::new(memory_bytes))),
+            versions,
             redis: RedisCacheStore::new(redis.clone()),
             publisher: redis,
             channel,
@@ -45,12 +51,15 @@ impl TieredStore {
 /// Redis goes away.
 async fn listen(store: Weak<TieredStore>) {
     loop {
-        let Some((url, channel, memory)) = store.upgrade().and_then(|s| {
-            s.publisher
-                .config()
-                .nodes()
-                .first()
-                .map(|url| (url.clone(), s.channel.clone(), s.memory.clone()))
+        let Some((url, channel, memory, versions)) = store.upgrade().and_then(|s| {
+            s.publisher.config().nodes().first().map(|url| {
+                (
+                    url.clone(),
+                    s.channel.clone(),
+                    s.memory.clone(),
+                    s.versions.clone(),
+                )
+            })
         }) else {
             return;
         };
@@ -66,8 +75,20 @@ async fn listen(store: Weak<TieredStore>) {
                 if store.strong_count() == 0 {
                     return;
                 }
-                let key: Vec<u8> = message.get_payload_bytes().to_vec();
-                let _ = memory.remove(&key).await;
+                let payload = message.get_payload_bytes();
+                if let Some(rest) = payload.strip_prefix(TAG_MESSAGE) {
+                    if rest.len() > 8 {
+                        let mut v = [0u8; 8];
+                        v.copy_from_slice(&rest[..8]);
+                        let version = u64::from_be_bytes(v);
+                        let tag = String::from_utf8_lossy(&rest[8..]).into_owned();
+                        let mut versions = versions.lock().unwrap_or_else(|e| e.into_inner());
+                        let current = versions.entry(tag).or_insert(0);
+                        *current = (*current).max(version);
+                    }
+                } else if let Some(memory) = &memory {
+                    let _ = memory.remove(payload).await;
+                }
             }
         }
         if store.strong_count() == 0 {
@@ -81,7 +102,10 @@ async fn listen(store: Weak<TieredStore>) {
 impl Store for TieredStore {
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         Box::pin(async move {
-            if let Some(found) = self.memory.get(key).await? {
+            let Some(memory) = &self.memory else {
+                return self.redis.get(key).await;
+            };
+            if let Some(found) = memory.get(key).await? {
                 return Ok(Some(found));
             }
             let found = self.redis.get(key).await?;
@@ -95,7 +119,7 @@ impl Store for TieredStore {
                     }
                     _ => Duration::from_secs(5),
                 };
-                self.memory.put(key.into(), value.clone(), ttl).await?;
+                memory.put(key.into(), value.clone(), ttl).await?;
             }
             Ok(found)
         })
@@ -103,16 +127,20 @@ impl Store for TieredStore {
 
     fn put(&self, key: Key, value: Stored, ttl: Duration) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            self.memory
-                .put(key.clone(), value.clone(), ttl.min(MEMORY_TTL))
-                .await?;
+            if let Some(memory) = &self.memory {
+                memory
+                    .put(key.clone(), value.clone(), ttl.min(MEMORY_TTL))
+                    .await?;
+            }
             self.redis.put(key, value, ttl).await
         })
     }
 
     fn remove<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            self.memory.remove(key).await?;
+            if let Some(memory) = &self.memory {
+                memory.remove(key).await?;
+            }
             self.redis.remove(key).await?;
             let channel = self.channel.clone();
             let payload = key.to_vec();
@@ -144,5 +172,36 @@ impl Store for TieredStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn purge_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        Box::pin(async move {
+            let counter = self.publisher.key("cache-tag", &tag);
+            let version: u64 = self
+                .publisher
+                .call(|mut conn| async move {
+                    redis::cmd("INCR")
+                        .arg(&counter)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await
+                .map_err(|e| StoreError::Failed(e.to_string()))?;
+            let mut payload = TAG_MESSAGE.to_vec();
+            payload.extend_from_slice(&version.to_be_bytes());
+            payload.extend_from_slice(tag.as_bytes());
+            let channel = self.channel.clone();
+            let _ = self
+                .publisher
+                .call(|mut conn| async move {
+                    redis::cmd("PUBLISH")
+                        .arg(&channel)
+                        .arg(payload)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                })
+                .await;
+            Ok(Some(version))
+        })
     }
 }
