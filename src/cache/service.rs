@@ -345,6 +345,15 @@ where
         (shared.clock)(),
     );
     let vary = policy::vary(response.headers());
+    // An event stream never ends: it passes through untouched, never captured.
+    let streaming = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if streaming {
+        drop(fill);
+        return Ok(forwarded(shared, response, fwd, None));
+    }
     let (freshness, vary) = match (decision, vary) {
         (Storable::Yes(freshness), Ok(vary)) => (freshness, vary),
         _ => {

@@ -220,7 +220,7 @@ async fn concurrent_misses_make_one_origin_call() {
     let origin = Origin::default();
     let app = app(&origin);
     let mut set = tokio::task::JoinSet::new();
-    for _ in 0..100 {
+    for _ in 0..1000 {
         let app = app.clone();
         set.spawn(async move { send(&app, get_req("/product")).await });
     }
@@ -237,7 +237,7 @@ async fn concurrent_misses_make_one_origin_call() {
         }
     }
     assert_eq!(origin.calls(), 1);
-    assert_eq!(collapsed, 99);
+    assert_eq!(collapsed, 999);
 }
 
 #[tokio::test]
@@ -497,4 +497,74 @@ async fn a_header_outside_the_key_cannot_poison_the_entry() {
     send(&app, fr).await;
     let plain = send(&app, get_req("/lang")).await;
     assert_eq!(plain.body, "en");
+}
+
+#[tokio::test]
+async fn per_principal_entries_are_each_callers_own() {
+    use crate::principal::{AuthScheme, Principal};
+    async fn me(State(o): State<Origin>, req: Request<Body>) -> impl IntoResponse {
+        o.calls.fetch_add(1, Ordering::SeqCst);
+        let who = Principal::of(req.extensions())
+            .unwrap()
+            .subject()
+            .to_owned();
+        ([("cache-control", "private, max-age=60")], who)
+    }
+    let origin = Origin::default();
+    let app = Router::new()
+        .route("/me", get(me))
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().per_principal(true).build());
+    let as_user = |who: &str| {
+        Request::get("/me")
+            .header("authorization", "Bearer opaque")
+            .extension(Principal::new(who, AuthScheme::Bearer))
+            .body(Body::empty())
+            .unwrap()
+    };
+    for _ in 0..2 {
+        assert_eq!(send(&app, as_user("alice")).await.body, "alice");
+        assert_eq!(send(&app, as_user("bob")).await.body, "bob");
+    }
+    assert_eq!(
+        origin.calls(),
+        2,
+        "each caller's private entry is reused, never shared"
+    );
+    // Without a principal on a per-principal route: no cache at all.
+    async fn anon(State(o): State<Origin>) -> impl IntoResponse {
+        o.calls.fetch_add(1, Ordering::SeqCst);
+        ([("cache-control", "public, max-age=60")], "anon")
+    }
+    let anon_app = Router::new()
+        .route("/a", get(anon))
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().per_principal(true).build());
+    send(&anon_app, get_req("/a")).await;
+    send(&anon_app, get_req("/a")).await;
+    assert_eq!(origin.calls(), 4);
+}
+
+#[tokio::test]
+async fn event_streams_pass_through_untouched() {
+    async fn events(State(o): State<Origin>) -> impl IntoResponse {
+        o.calls.fetch_add(1, Ordering::SeqCst);
+        (
+            [
+                ("cache-control", "public, max-age=60"),
+                ("content-type", "text/event-stream"),
+            ],
+            "data: 1\n\n",
+        )
+    }
+    let origin = Origin::default();
+    let app = Router::new()
+        .route("/events", get(events))
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().build());
+    for _ in 0..2 {
+        let a = send(&app, get_req("/events")).await;
+        assert_eq!(a.body, "data: 1\n\n");
+    }
+    assert_eq!(origin.calls(), 2);
 }
