@@ -90,6 +90,7 @@ pub struct CacheBuilder {
     per_principal: bool,
     name: String,
     clock: Option<Arc<dyn Fn() -> std::time::SystemTime + Send + Sync>>,
+    origin_timeout: Option<Duration>,
     #[cfg(feature = "redis")]
     redis: Option<crate::redis::RedisStore>,
     #[cfg(feature = "redis")]
@@ -117,6 +118,7 @@ impl CacheLayer {
             per_principal: false,
             name: "battlement".into(),
             clock: None,
+            origin_timeout: None,
             #[cfg(feature = "redis")]
             redis: None,
             #[cfg(feature = "redis")]
@@ -206,6 +208,14 @@ impl CacheBuilder {
         self
     }
 
+    /// How long a request with a `stale-if-error` entry to fall back on waits for the origin
+    /// before it is answered with the stale entry (default: no limit; only a `5xx` or an
+    /// error falls back).
+    pub fn stale_if_error_timeout(mut self, limit: Duration) -> Self {
+        self.origin_timeout = Some(limit);
+        self
+    }
+
     /// The clock entries are dated and aged by (default: the system clock), for tests.
     pub fn clock(
         mut self,
@@ -241,6 +251,7 @@ impl CacheBuilder {
                     self.name.clone(),
                 );
                 shared.store_timeout = timeout;
+                shared.origin_timeout = self.origin_timeout;
                 shared.tag_versions = versions;
                 if let Some(clock) = self.clock.clone() {
                     shared.clock = clock;
@@ -255,6 +266,7 @@ impl CacheBuilder {
         if let Some(clock) = self.clock {
             shared.clock = clock;
         }
+        shared.origin_timeout = self.origin_timeout;
         CacheLayer {
             shared: Arc::new(shared),
         }

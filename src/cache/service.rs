@@ -49,6 +49,7 @@ pub(crate) struct Shared {
     pub(crate) pass_for: Duration,
     pub(crate) etag: bool,
     pub(crate) store_timeout: Duration,
+    pub(crate) origin_timeout: Option<Duration>,
     pub(crate) clock: Arc<dyn Fn() -> SystemTime + Send + Sync>,
     fills: Mutex<HashMap<Key, watch::Receiver<()>>>,
     /// Purge tag versions: purging a tag moves its version on, which every entry stored
@@ -74,6 +75,7 @@ impl Shared {
             pass_for: Duration::from_secs(5),
             etag: true,
             store_timeout: Duration::from_millis(50),
+            origin_timeout: None,
             clock: Arc::new(SystemTime::now),
             fills: Mutex::new(HashMap::new()),
             tag_versions: Default::default(),
@@ -658,8 +660,14 @@ where
                 },
                 (),
             );
-            match from_origin(&shared, &mut inner, req, &key, fill, fwd, true).await {
-                Ok(response) if !response.status().is_server_error() => Ok(response),
+            let answer = from_origin(&shared, &mut inner, req, &key, fill, fwd, true);
+            let answer = match shared.origin_timeout {
+                Some(limit) => tokio::time::timeout(limit, answer).await.ok(),
+                None => Some(answer.await),
+            };
+            match answer {
+                Some(Ok(response)) if !response.status().is_server_error() => Ok(response),
+                // A 5xx, an error, or no answer in time: the stale entry.
                 _ => Ok(serve(&shared, &head, &stale, false, Some("stale"))),
             }
         })

@@ -568,3 +568,43 @@ async fn event_streams_pass_through_untouched() {
     }
     assert_eq!(origin.calls(), 2);
 }
+
+#[tokio::test]
+async fn stale_if_error_also_covers_a_slow_origin() {
+    #[derive(Clone, Default)]
+    struct Slow {
+        calls: Arc<AtomicUsize>,
+    }
+    async fn sometimes_slow(State(o): State<Slow>) -> impl IntoResponse {
+        if o.calls.fetch_add(1, Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        (
+            [("cache-control", "public, max-age=10, stale-if-error=600")],
+            "v1",
+        )
+    }
+    let clock = TestClock::default();
+    let c = clock.clone();
+    let app = Router::new()
+        .route("/s", get(sometimes_slow))
+        .with_state(Slow::default())
+        .layer(
+            CacheLayer::builder()
+                .clock(move || c.now())
+                .stale_if_error_timeout(Duration::from_millis(50))
+                .build(),
+        );
+    assert_eq!(send(&app, get_req("/s")).await.body, "v1");
+    clock.advance(100);
+    let started = std::time::Instant::now();
+    let a = send(&app, get_req("/s")).await;
+    assert_eq!(a.body, "v1");
+    assert!(
+        a.headers["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("fwd=stale")
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
