@@ -215,16 +215,21 @@ impl<S> std::fmt::Debug for Cache<S> {
 
 type Answer<B> = Response<ResponseBody<CacheBody<B>>>;
 
-async fn lookup(shared: &Shared, key: &[u8], headers: &HeaderMap) -> Option<(Key, Stored)> {
-    let get = |k: Key| async move {
-        match tokio::time::timeout(shared.store_timeout, shared.store.get(&k)).await {
-            Ok(Ok(found)) => found.map(|v| (k, v)),
-            // A slow or failing store is a miss: the origin answers.
-            _ => None,
-        }
-    };
-    match get(key.into()).await? {
-        (_, Stored::Vary(names)) => get(variant(key, &names, headers)).await,
+async fn get(shared: &Shared, key: &[u8]) -> Option<Stored> {
+    // A store that answers at once (memory) needs no timer.
+    if let Some(found) = shared.store.get_now(key) {
+        return found;
+    }
+    match tokio::time::timeout(shared.store_timeout, shared.store.get(key)).await {
+        Ok(Ok(found)) => found,
+        // A slow or failing store is a miss: the origin answers.
+        _ => None,
+    }
+}
+
+async fn lookup(shared: &Shared, key: &[u8], headers: &HeaderMap) -> Option<Stored> {
+    match get(shared, key).await? {
+        Stored::Vary(names) => get(shared, &variant(key, &names, headers)).await,
         found => Some(found),
     }
 }
@@ -244,7 +249,17 @@ fn serve<B, R: Body>(
     collapsed: bool,
     fwd: Option<&str>,
 ) -> Answer<R> {
-    let now = (shared.clock)();
+    serve_at(shared, req, entry, collapsed, fwd, (shared.clock)())
+}
+
+fn serve_at<B, R: Body>(
+    shared: &Shared,
+    req: &Request<B>,
+    entry: &Entry,
+    collapsed: bool,
+    fwd: Option<&str>,
+    now: SystemTime,
+) -> Answer<R> {
     let age = policy::age_header(&entry.headers).unwrap_or(0) + policy::age(entry.stored_at, now);
     let ttl = entry.freshness.ttl(entry.stored_at, now);
     let not_modified = policy::not_modified(
@@ -252,7 +267,8 @@ fn serve<B, R: Body>(
         entry.headers.get(ETAG),
         entry.headers.get(LAST_MODIFIED),
     );
-    let mut headers = entry.headers.clone();
+    let mut headers = HeaderMap::with_capacity(entry.headers.len() + 2);
+    headers.extend(entry.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
     headers.insert(AGE, HeaderValue::from(age));
     headers.insert(
         CACHE_STATUS,
@@ -447,7 +463,7 @@ async fn wait_for_remote_fill(
     let deadline = tokio::time::Instant::now() + shared.wait;
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
-        if let Some((_, Stored::Response(entry))) = lookup(shared, key, headers).await {
+        if let Some(Stored::Response(entry)) = lookup(shared, key, headers).await {
             let now = (shared.clock)();
             if policy::staleness(entry.stored_at, &entry.freshness, now, request_cc)
                 == Staleness::Fresh
@@ -563,10 +579,16 @@ where
             // A stale entry kept for `stale-if-error`, served if the origin fails.
             let mut fallback: Option<Arc<Entry>> = None;
             if verdict == RequestVerdict::Lookup {
-                let request_cc = CacheControl::parse(req.headers());
+                let request_cc = if req.headers().contains_key(http::header::CACHE_CONTROL)
+                    || req.headers().contains_key(http::header::PRAGMA)
+                {
+                    CacheControl::parse(req.headers())
+                } else {
+                    CacheControl::default()
+                };
                 loop {
                     match lookup(&shared, &key, req.headers()).await {
-                        Some((_, Stored::Response(entry))) if !shared.purged(&entry) => {
+                        Some(Stored::Response(entry)) if !shared.purged(&entry) => {
                             let now = (shared.clock)();
                             match policy::staleness(
                                 entry.stored_at,
@@ -575,7 +597,9 @@ where
                                 &request_cc,
                             ) {
                                 Staleness::Fresh => {
-                                    return Ok(serve(&shared, &req, &entry, collapsed, None));
+                                    return Ok(serve_at(
+                                        &shared, &req, &entry, collapsed, None, now,
+                                    ));
                                 }
                                 Staleness::StaleWhileRevalidate => {
                                     revalidate_in_background(&shared, &inner, &req, &key);
@@ -594,7 +618,7 @@ where
                                 Staleness::Expired => fwd = "stale",
                             }
                         }
-                        Some((_, Stored::Pass)) => {
+                        Some(Stored::Pass) => {
                             // Known uncacheable: straight to the origin, no queue.
                             note(&req, CacheStatus::Bypass, None);
                             let response = inner.call(req).await?;

@@ -59,6 +59,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn get_now(&self, key: &[u8]) -> Option<Option<Stored>> {
+        Some(self.cache.get(key).map(|slot| slot.value))
+    }
+
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         let found = self.cache.get(key).map(|slot| slot.value);
         Box::pin(std::future::ready(Ok(found)))

@@ -93,6 +93,12 @@ pub(crate) enum StoreError {
 pub(crate) trait Store: Send + Sync + 'static {
     /// The value under `key`.
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Stored>, StoreError>>;
+
+    /// The value under `key` without waiting, for stores that can answer at once (memory);
+    /// `None` means "ask [`Store::get`]".
+    fn get_now(&self, _key: &[u8]) -> Option<Option<Stored>> {
+        None
+    }
     /// Keeps `value` under `key` for `ttl`.
     fn put(&self, key: Key, value: Stored, ttl: Duration) -> BoxFuture<'_, Result<(), StoreError>>;
     /// Forgets `key`.
