@@ -57,23 +57,37 @@ pub(crate) fn primary(
     principal: Option<&str>,
 ) -> Option<Key> {
     let mut out = Vec::with_capacity(64 + uri.path().len() + uri.query().map_or(0, str::len));
+    primary_into(rules, method, uri, headers, principal, &mut out)?;
+    Some(out.into_boxed_slice())
+}
+
+/// [`primary`], written into `out` (cleared first) instead of a new allocation.
+pub(crate) fn primary_into(
+    rules: &KeyRules,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    principal: Option<&str>,
+    out: &mut Vec<u8>,
+) -> Option<()> {
+    out.clear();
     let method = if *method == Method::HEAD {
         Method::GET
     } else {
         method.clone()
     };
-    push(&mut out, method.as_str().as_bytes());
+    push(out, method.as_str().as_bytes());
     match &rules.hosts {
         Some(allowed) => {
             let host = host(uri, headers)?;
             if !allowed.contains(&host) {
                 return None;
             }
-            push(&mut out, host.as_bytes());
+            push(out, host.as_bytes());
         }
-        None => push(&mut out, b""),
+        None => push(out, b""),
     }
-    push(&mut out, uri.path().as_bytes());
+    push(out, uri.path().as_bytes());
     let mut params: Vec<(&str, &str)> = uri
         .query()
         .unwrap_or("")
@@ -88,19 +102,19 @@ pub(crate) fn primary(
         })
         .collect();
     params.sort_unstable();
-    push(&mut out, &(params.len() as u32).to_be_bytes());
+    push(out, &(params.len() as u32).to_be_bytes());
     for (name, value) in params {
-        push(&mut out, name.as_bytes());
-        push(&mut out, value.as_bytes());
+        push(out, name.as_bytes());
+        push(out, value.as_bytes());
     }
     match principal {
         Some(subject) => {
-            push(&mut out, b"principal");
-            push(&mut out, subject.as_bytes());
+            push(out, b"principal");
+            push(out, subject.as_bytes());
         }
-        None => push(&mut out, b"shared"),
+        None => push(out, b"shared"),
     }
-    Some(out.into_boxed_slice())
+    Some(())
 }
 
 /// The variant key of `primary` for a response that varies on `vary` (lowercase names).

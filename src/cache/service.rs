@@ -475,6 +475,58 @@ async fn wait_for_remote_fill(
     None
 }
 
+/// A fresh entry for `req` from a store that answers without waiting, if there is one.
+fn fresh_hit_now<B, R: Body>(shared: &Arc<Shared>, req: &Request<B>) -> Option<Answer<R>> {
+    if policy::request_verdict(req.method(), req.headers(), &shared.settings)
+        != RequestVerdict::Lookup
+    {
+        return None;
+    }
+    let principal = if shared.settings.per_principal {
+        Some(Principal::of(req.extensions())?.subject().to_owned())
+    } else {
+        None
+    };
+    thread_local! {
+        // The key of a lookup, built without an allocation per request.
+        static KEY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let found = KEY.with(|buf| {
+        let mut key = buf.borrow_mut();
+        super::key::primary_into(
+            &shared.rules,
+            req.method(),
+            req.uri(),
+            req.headers(),
+            principal.as_deref(),
+            &mut key,
+        )?;
+        match shared.store.get_now(&key)?? {
+            Stored::Vary(names) => shared
+                .store
+                .get_now(&variant(&key, &names, req.headers()))?,
+            other => Some(other),
+        }
+    });
+    let entry = match found? {
+        Stored::Response(entry) => entry,
+        _ => return None,
+    };
+    if shared.purged(&entry) {
+        return None;
+    }
+    let request_cc = if req.headers().contains_key(http::header::CACHE_CONTROL)
+        || req.headers().contains_key(http::header::PRAGMA)
+    {
+        CacheControl::parse(req.headers())
+    } else {
+        CacheControl::default()
+    };
+    let now = (shared.clock)();
+    (policy::staleness(entry.stored_at, &entry.freshness, now, &request_cc) == Staleness::Fresh)
+        .then(|| serve_at(shared, req, &entry, false, None, now))
+}
+
 /// The leader's fill, in a task of its own: the origin's answer is stored however the
 /// leader's client behaves, and relayed to it while it listens.
 async fn fill_in_task<S, ReqBody, ResBody>(
@@ -546,6 +598,11 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // The common case, a fresh hit in a store that answers at once, needs neither the
+        // inner service nor an async state machine.
+        if let Some(response) = fresh_hit_now(&self.shared, &req) {
+            return Box::pin(std::future::ready(Ok(response)));
+        }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
