@@ -74,7 +74,12 @@ fn bench(c: &mut Criterion) {
             .collect()
             .await;
         let deadline = Instant::now() + Duration::from_secs(2);
-        while redis.command(&["DBSIZE"]) == "0" {
+        // Fill claims exist while the origin answers; wait for the entry itself.
+        while !redis
+            .command(&["KEYS", "battlement:cache:*"])
+            .lines()
+            .any(|k| !k.is_empty() && !k.ends_with(":fill"))
+        {
             assert!(Instant::now() < deadline, "the entry never reached Redis");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
