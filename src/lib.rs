@@ -57,7 +57,11 @@
 //! and its builder), `service.rs` (the `Foo` service), `future.rs` (its named
 //! `ResponseFuture`), and one file per backend behind one trait; `trace` adds `body.rs`
 //! (its counting response body) and one file per thing it reads (`request_id.rs`,
-//! `traceparent.rs`, `redact.rs`, `event.rs`). Shared state is built
+//! `traceparent.rs`, `redact.rs`, `event.rs`); `auth` adds `keys.rs` (keys bound to one
+//! algorithm), `cache.rs` (verified tokens) and `revoke.rs`; `validate` adds `params.rs`
+//! (query and header coercion); `cache` keeps its rules in `policy.rs`, its keys in
+//! `key.rs`, its capturing body in `body.rs` and its stores in `store/` (memory, Redis,
+//! tiered). Shared state is built
 //! when the layer is built and lives in an `Arc`, so cloning a layer, or axum calling
 //! `Layer::layer` once per route, shares it.
 //!
