@@ -90,6 +90,21 @@ fn store(capture: Box<Capture>, trailers: Option<HeaderMap>) {
     }
 }
 
+fn abandon(capture: Box<Capture>) {
+    let Capture {
+        shared, key, fill, ..
+    } = *capture;
+    let store = shared.store.clone();
+    let ttl = shared.pass_for;
+    let mark = async move {
+        let _ = store.put(key, Stored::Pass, ttl).await;
+        drop(fill);
+    };
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(mark);
+    }
+}
+
 impl<B> Body for CaptureBody<B>
 where
     B: Body<Data = Bytes>,
@@ -110,9 +125,11 @@ where
                         .capture
                         .as_ref()
                         .is_some_and(|c| c.buf.len() + data.len() > c.shared.max_body);
-                    if over {
-                        // Too big to keep: stop copying, release the waiters.
-                        this.capture.take();
+                    if over && let Some(c) = this.capture.take() {
+                        // Too big to keep: stop copying, leave a pass marker so that later
+                        // requests go straight to the origin instead of queueing, and
+                        // release the waiters.
+                        abandon(c);
                     } else if let Some(c) = this.capture.as_mut() {
                         c.buf.extend_from_slice(data);
                     }
