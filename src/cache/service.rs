@@ -267,8 +267,7 @@ fn serve_at<B, R: Body>(
         entry.headers.get(ETAG),
         entry.headers.get(LAST_MODIFIED),
     );
-    let mut headers = HeaderMap::with_capacity(entry.headers.len() + 2);
-    headers.extend(entry.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut headers = entry.headers.clone();
     headers.insert(AGE, HeaderValue::from(age));
     headers.insert(
         CACHE_STATUS,
@@ -322,17 +321,21 @@ fn forwarded<R: Body>(
 }
 
 /// The headers kept with a stored response.
+///
+/// They also hold `Age` (the origin's, or 0) and a `Cache-Status` placeholder: serving a hit
+/// then replaces two values in place instead of growing a copied map.
 fn stored_headers(headers: &HeaderMap) -> HeaderMap {
+    let upstream_age = policy::age_header(headers).unwrap_or(0);
     let mut out = headers.clone();
     for name in HOP_BY_HOP {
         out.remove(name);
     }
     out.remove(SET_COOKIE);
-    out.remove(CACHE_STATUS);
     for name in TAG_HEADERS {
         out.remove(name);
     }
-    out.remove(AGE);
+    out.insert(AGE, HeaderValue::from(upstream_age));
+    out.insert(CACHE_STATUS, HeaderValue::from_static("battlement"));
     out
 }
 

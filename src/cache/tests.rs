@@ -608,3 +608,25 @@ async fn stale_if_error_also_covers_a_slow_origin() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn an_upstream_age_is_added_to_the_cache_s_own() {
+    async fn aged(State(o): State<Origin>) -> impl IntoResponse {
+        o.calls.fetch_add(1, Ordering::SeqCst);
+        (
+            [("cache-control", "public, max-age=300"), ("age", "100")],
+            "aged",
+        )
+    }
+    let origin = Origin::default();
+    let app = Router::new()
+        .route("/aged", get(aged))
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().build());
+    send(&app, get_req("/aged")).await;
+    let hit = send(&app, get_req("/aged")).await;
+    let age: u64 = hit.headers["age"].to_str().unwrap().parse().unwrap();
+    assert!((100..110).contains(&age), "{age}");
+    assert_eq!(hit.headers.get_all("age").iter().count(), 1);
+    assert_eq!(hit.headers.get_all("cache-status").iter().count(), 1);
+}
