@@ -77,6 +77,17 @@ impl<'a> RequestHead<'a> {
             extensions: req.extensions(),
         }
     }
+
+    /// The head of a request taken apart (for layers that hold the body separately).
+    pub fn of_parts(parts: &'a http::request::Parts) -> Self {
+        Self {
+            method: &parts.method,
+            uri: &parts.uri,
+            version: parts.version,
+            headers: &parts.headers,
+            extensions: &parts.extensions,
+        }
+    }
 }
 
 /// Finds the key a request is counted, locked or cached under.

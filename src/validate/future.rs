@@ -14,8 +14,9 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::layer::Shared;
-use super::service::{Found, finish, head_of_parts, refuse, too_large};
+use super::service::{Found, finish, refuse, too_large};
 use crate::body::ResponseBody;
+use crate::key::RequestHead;
 
 pub(crate) struct Collect<S> {
     parts: Option<Parts>,
@@ -128,7 +129,7 @@ where
                                         + collect.buf.len();
                                     if so_far + data.len() > max {
                                         let parts = collect.parts.as_ref().expect("parts");
-                                        break Some(too_large(&head_of_parts(parts), max));
+                                        break Some(too_large(&RequestHead::of_parts(parts), max));
                                     }
                                     if so_far == 0 {
                                         collect.first = Some(data);
@@ -146,7 +147,7 @@ where
                             Some(Err(error)) => {
                                 let parts = collect.parts.as_ref().expect("parts");
                                 break Some(refuse(
-                                    &head_of_parts(parts),
+                                    &RequestHead::of_parts(parts),
                                     StatusCode::BAD_REQUEST,
                                     "Bad Request",
                                     format!("The body could not be read: {error}."),

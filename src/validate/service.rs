@@ -74,16 +74,6 @@ impl Found {
     }
 }
 
-fn head_of(parts: &Parts) -> RequestHead<'_> {
-    RequestHead {
-        method: &parts.method,
-        uri: &parts.uri,
-        version: parts.version,
-        headers: &parts.headers,
-        extensions: &parts.extensions,
-    }
-}
-
 /// A refusal without violations (413, 415, 400).
 pub(crate) fn refuse(
     head: &RequestHead<'_>,
@@ -146,7 +136,7 @@ pub(crate) fn finish<B: From<Bytes>>(
         let value = match limits.parse(&bytes) {
             Ok(value) => value,
             Err(e) => {
-                let head = head_of(&parts);
+                let head = RequestHead::of_parts(&parts);
                 let response = Rejection::new(StatusCode::BAD_REQUEST, "Bad Request")
                     .with_detail(format!("The body is not acceptable JSON: {e}."))
                     .with_member("offset", Value::from(e.offset))
@@ -163,11 +153,11 @@ pub(crate) fn finish<B: From<Bytes>>(
                 shared.max_errors,
             );
         }
-        if let Some(response) = conclude(shared, &head_of(&parts), found) {
+        if let Some(response) = conclude(shared, &RequestHead::of_parts(&parts), found) {
             return Err(Box::new(response));
         }
         parts.extensions.insert(ParsedJson(Arc::new(value)));
-    } else if let Some(response) = conclude(shared, &head_of(&parts), found) {
+    } else if let Some(response) = conclude(shared, &RequestHead::of_parts(&parts), found) {
         return Err(Box::new(response));
     }
     Ok(Request::from_parts(parts, B::from(bytes)))
@@ -268,8 +258,4 @@ pub(crate) fn too_large(head: &RequestHead<'_>, max: usize) -> Response<Bytes> {
         "Content Too Large",
         format!("The body is larger than {max} bytes."),
     )
-}
-
-pub(crate) fn head_of_parts(parts: &Parts) -> RequestHead<'_> {
-    head_of(parts)
 }
