@@ -733,17 +733,15 @@ where
                 return from_origin(&shared, &mut inner, req, &key, fill, fwd, false).await;
             };
             // stale-if-error: the origin's 5xx or error is answered with the stale entry.
-            let head = Request::from_parts(
-                {
-                    let (parts, _) = Request::new(()).into_parts();
-                    let mut parts = parts;
-                    parts.method = req.method().clone();
-                    parts.uri = req.uri().clone();
-                    parts.headers = req.headers().clone();
-                    parts
-                },
-                (),
-            );
+            // What serving the stale entry needs of the request, kept before it moves on
+            // (its annotation too, so the decision is still recorded).
+            let mut head = Request::new(());
+            *head.method_mut() = req.method().clone();
+            *head.uri_mut() = req.uri().clone();
+            *head.headers_mut() = req.headers().clone();
+            if let Some(annotation) = Annotation::of(req.extensions()) {
+                head.extensions_mut().insert(annotation.clone());
+            }
             let answer = from_origin(&shared, &mut inner, req, &key, fill, fwd, true);
             let answer = match shared.origin_timeout {
                 Some(limit) => tokio::time::timeout(limit, answer).await.ok(),
