@@ -10,6 +10,8 @@
 //! | [`validate`] | bounded bodies, JSON parsed once with limits, JSON Schema, `422` with every violation |
 //! | [`cache`] | a shared response cache: RFC 9111, `Cache-Status`, `304`, one origin call per key |
 //! | [`auth`] | JWT bearer tokens with JWKS, API keys, scopes and policy hooks, RFC 6750 refusals |
+//! | [`lock`] | distributed locks with fencing tokens (memory, Redis, Redlock), a layer that holds one per request |
+//! | [`idempotency`] | `Idempotency-Key` handling: replay, `409` in flight, `422` on another body |
 //! | [`metrics`] | bounded-cardinality request metrics through the `metrics` facade |
 //! | [`key`] | what layers key on: the client IP behind trusted proxies, a header, the principal |
 //! | [`reject`] | one refusal type, rendered as RFC 9457 problem+json or a gRPC status |
@@ -72,6 +74,8 @@
 //! - `auth` (default): the [`auth`] layers.
 //! - `validate` (default): the [`validate`] layer.
 //! - `cache` (default): the [`cache`] layer.
+//! - `lock` (default): the [`lock`] API and layer.
+//! - `idempotency` (default): the [`idempotency`] layer.
 //! - `metrics`: request metrics recorded by the trace layer (implies `trace`).
 //! - `redis`: the Redis backends and [`redis`] plumbing.
 //! - `axum`: [`key::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`, and the trace layer
@@ -89,7 +93,11 @@ pub mod auth;
 pub mod body;
 #[cfg(feature = "cache")]
 pub mod cache;
+#[cfg(feature = "idempotency")]
+pub mod idempotency;
 pub mod key;
+#[cfg(feature = "lock")]
+pub mod lock;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod principal;
