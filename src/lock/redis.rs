@@ -1,0 +1,570 @@
+//! Locks on one Redis node (or cluster), and Redlock over several independent masters.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use redis::aio::PubSubSink;
+use tokio::time::Instant;
+
+use super::backend::{Attempt, BoxFuture, LockBackend, OwnerToken, Subscription, WaitList};
+use super::{FencingToken, LockError};
+use crate::redis::{RedisStore, Script, StoreError};
+
+/// How long an idle lock name's fencing counter is kept. Losing it is harmless (the next
+/// counter starts from the current time, past every token minted before); keeping it
+/// bounds what lock names cost in Redis.
+const FENCE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Takes the lock and mints the fencing token in one step.
+/// KEYS: lock, fence. ARGV: owner, ttl ms, fence ttl ms.
+/// Returns {1, counter, epoch} when granted, {0, pttl of the holder} when held.
+const ACQUIRE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local f = redis.call('HMGET', KEYS[2], 'c', 'e')
+  local c = tonumber(f[1])
+  local e = tonumber(f[2])
+  if not c or not e then c = 0 e = now end
+  if c + 1 > now then c = c + 1 else c = now end
+  redis.call('HSET', KEYS[2], 'c', string.format('%.0f', c), 'e', string.format('%.0f', e))
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return {1, c, e}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+";
+
+/// KEYS: lock. ARGV: owner, ttl ms. 1 when extended.
+const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// KEYS: lock. ARGV: owner, channel. 1 when released (and waiters told).
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], '1')
+  return 1
+end
+return 0
+";
+
+/// Raises a node's fencing counter to the token a Redlock acquisition handed out, so the
+/// next quorum (which shares a node with this one) mints a larger token.
+/// KEYS: lock, fence. ARGV: owner, value.
+const RAISE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  local c = tonumber(redis.call('HGET', KEYS[2], 'c')) or 0
+  if c < tonumber(ARGV[2]) then redis.call('HSET', KEYS[2], 'c', ARGV[2]) end
+  return 1
+end
+return 0
+";
+
+struct Scripts {
+    acquire: Script,
+    extend: Script,
+    release: Script,
+    raise: Script,
+}
+
+fn scripts() -> &'static Scripts {
+    static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
+    SCRIPTS.get_or_init(|| Scripts {
+        acquire: Script::new(ACQUIRE),
+        extend: Script::new(EXTEND),
+        release: Script::new(RELEASE),
+        raise: Script::new(RAISE),
+    })
+}
+
+/// Locks on Redis: one node (or one Redis Cluster) with [`RedisLockBackend::single`], or
+/// Redlock over independent masters with [`RedisLockBackend::redlock`].
+///
+/// - Acquire is `SET key owner NX PX ttl` and the fencing counter in one Lua script; extend
+///   and release compare the owner token first (compare-and-pexpire, compare-and-delete).
+/// - Redlock sends each step to every node in parallel, each under its store's timeout,
+///   returns as soon as a majority has granted, and undoes a failed attempt on every node.
+///   Validity is the TTL less the time the attempt took (monotonic clock) less a drift
+///   allowance of 1 % of the TTL plus 2 ms.
+/// - Releases are published on a channel per lock name; waiters of this process for one
+///   name share one subscription per node.
+pub struct RedisLockBackend {
+    nodes: Vec<Node>,
+    quorum: usize,
+    waiters: Arc<WaitList>,
+}
+
+struct Node {
+    store: RedisStore,
+    notifier: Arc<Notifier>,
+}
+
+impl fmt::Debug for RedisLockBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLockBackend")
+            .field("nodes", &self.nodes.len())
+            .field("quorum", &self.quorum)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLockBackend {
+    /// Locks on one Redis node or cluster.
+    pub fn single(store: RedisStore) -> Self {
+        Self::build(vec![store])
+    }
+
+    /// Redlock over independent masters. Fails on an empty list.
+    pub fn redlock(stores: impl IntoIterator<Item = RedisStore>) -> Result<Self, LockError> {
+        let stores: Vec<RedisStore> = stores.into_iter().collect();
+        if stores.is_empty() {
+            return Err(LockError::Config("Redlock needs at least one Redis node".into()));
+        }
+        Ok(Self::build(stores))
+    }
+
+    fn build(stores: Vec<RedisStore>) -> Self {
+        let notifiers: Vec<Arc<Notifier>> = stores
+            .iter()
+            .map(|store| {
+                Arc::new(Notifier {
+                    url: store.config().nodes().first().cloned().unwrap_or_default(),
+                    sink: tokio::sync::Mutex::new(None),
+                    failed_at: Mutex::new(None),
+                })
+            })
+            .collect();
+        let waiters = Arc::new_cyclic(|weak: &Weak<WaitList>| {
+            let weak = weak.clone();
+            let notifiers = notifiers.clone();
+            let channels: Vec<RedisStore> = stores.clone();
+            WaitList::with_on_empty(move |name| {
+                let Ok(handle) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let weak = weak.clone();
+                let name = name.to_owned();
+                let targets: Vec<(Arc<Notifier>, String)> = notifiers
+                    .iter()
+                    .zip(&channels)
+                    .map(|(n, s)| (n.clone(), channel(s, &name)))
+                    .collect();
+                handle.spawn(async move {
+                    for (notifier, channel) in targets {
+                        // A waiter that came back meanwhile keeps the subscription.
+                        if weak.upgrade().is_none_or(|w| w.is_waited(&name)) {
+                            return;
+                        }
+                        notifier.unsubscribe(&channel).await;
+                    }
+                });
+            })
+        });
+        let quorum = stores.len() / 2 + 1;
+        Self {
+            nodes: stores
+                .into_iter()
+                .zip(notifiers)
+                .map(|(store, notifier)| Node { store, notifier })
+                .collect(),
+            quorum,
+            waiters,
+        }
+    }
+
+    /// How many nodes must agree.
+    pub fn quorum(&self) -> usize {
+        self.quorum
+    }
+
+    fn drift(&self, ttl: Duration) -> Duration {
+        if self.nodes.len() > 1 {
+            ttl / 100 + Duration::from_millis(2)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    async fn undo(&self, name: &str, owner: OwnerToken) {
+        let owner = owner.to_hex();
+        let calls: FuturesUnordered<_> = self
+            .nodes
+            .iter()
+            .map(|node| release_on(node, name, &owner))
+            .collect();
+        let _: Vec<_> = calls.collect().await;
+    }
+}
+
+fn lock_key(store: &RedisStore, name: &str) -> String {
+    store.key("lock", &name)
+}
+
+fn fence_key(store: &RedisStore, name: &str) -> String {
+    store.key("lockfence", &name)
+}
+
+fn channel(store: &RedisStore, name: &str) -> String {
+    format!("{}:released", lock_key(store, name))
+}
+
+/// The lock name in a release channel (`{prefix}:lock:{name}:released`).
+fn name_of_channel(channel: &[u8]) -> Option<&str> {
+    let channel = std::str::from_utf8(channel).ok()?;
+    let start = channel.find('{')? + 1;
+    let end = channel.rfind("}:released")?;
+    channel.get(start..end)
+}
+
+async fn release_on(node: &Node, name: &str, owner: &str) -> Result<bool, StoreError> {
+    let key = lock_key(&node.store, name);
+    let channel = channel(&node.store, name);
+    let released: i64 = node
+        .store
+        .eval(
+            &scripts().release,
+            &[&key],
+            &[owner.as_bytes(), channel.as_bytes()],
+        )
+        .await?;
+    Ok(released == 1)
+}
+
+fn unavailable(error: StoreError) -> LockError {
+    LockError::Unavailable(Box::new(error))
+}
+
+enum NodeAnswer {
+    Granted(u64, u64),
+    Held(Option<Duration>),
+    Failed(StoreError),
+}
+
+impl LockBackend for RedisLockBackend {
+    fn acquire<'a>(
+        &'a self,
+        name: &'a str,
+        owner: OwnerToken,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Attempt, LockError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let owner_hex = owner.to_hex();
+            let ttl_ms = (ttl.as_millis() as u64).max(1).to_string();
+            let fence_ttl_ms = (FENCE_TTL.as_millis() as u64).to_string();
+            let mut calls: FuturesUnordered<_> = self
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, node)| {
+                    let (owner_hex, ttl_ms, fence_ttl_ms) = (&owner_hex, &ttl_ms, &fence_ttl_ms);
+                    async move {
+                        let keys = [lock_key(&node.store, name), fence_key(&node.store, name)];
+                        let answer: Result<Vec<i64>, StoreError> = node
+                            .store
+                            .eval(
+                                &scripts().acquire,
+                                &[&keys[0], &keys[1]],
+                                &[owner_hex.as_bytes(), ttl_ms.as_bytes(), fence_ttl_ms.as_bytes()],
+                            )
+                            .await;
+                        let answer = match answer {
+                            Ok(v) if v.len() == 3 && v[0] == 1 => {
+                                NodeAnswer::Granted(v[1].max(0) as u64, v[2].max(0) as u64)
+                            }
+                            Ok(v) if v.len() == 2 => NodeAnswer::Held(
+                                u64::try_from(v[1]).ok().map(Duration::from_millis),
+                            ),
+                            Ok(_) => NodeAnswer::Failed(StoreError::Redis(redis::RedisError::from((
+                                redis::ErrorKind::UnexpectedReturnType,
+                                "unexpected lock script reply",
+                            )))),
+                            Err(e) => NodeAnswer::Failed(e),
+                        };
+                        (i, answer)
+                    }
+                })
+                .collect();
+            let n = self.nodes.len();
+            let mut granted: Vec<(usize, u64, u64)> = Vec::with_capacity(n);
+            let mut held_for: Option<Duration> = None;
+            let mut held = 0usize;
+            let mut failures: Vec<StoreError> = Vec::new();
+            while let Some((i, answer)) = calls.next().await {
+                match answer {
+                    NodeAnswer::Granted(c, e) => granted.push((i, c, e)),
+                    NodeAnswer::Held(left) => {
+                        held += 1;
+                        held_for = match (held_for, left) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                    }
+                    NodeAnswer::Failed(e) => failures.push(e),
+                }
+                if granted.len() >= self.quorum || n - held - failures.len() < self.quorum {
+                    break;
+                }
+            }
+            drop(calls);
+            let validity = ttl
+                .checked_sub(started.elapsed() + self.drift(ttl))
+                .filter(|v| !v.is_zero());
+            if granted.len() >= self.quorum {
+                if let Some(validity) = validity {
+                    let &(_, value, epoch) = granted
+                        .iter()
+                        .max_by_key(|(_, c, e)| (*c, *e))
+                        .expect("a quorum is at least one node");
+                    if n > 1 {
+                        // Raise the counters of the nodes that minted less, so every later
+                        // quorum (it shares a node with this one) mints more than `value`.
+                        let raises: FuturesUnordered<_> = granted
+                            .iter()
+                            .filter(|(_, c, _)| *c < value)
+                            .map(|&(i, _, _)| {
+                                let node = &self.nodes[i];
+                                let owner_hex = &owner_hex;
+                                async move {
+                                    let keys =
+                                        [lock_key(&node.store, name), fence_key(&node.store, name)];
+                                    let value = value.to_string();
+                                    let _: Result<i64, _> = node
+                                        .store
+                                        .eval(
+                                            &scripts().raise,
+                                            &[&keys[0], &keys[1]],
+                                            &[owner_hex.as_bytes(), value.as_bytes()],
+                                        )
+                                        .await;
+                                }
+                            })
+                            .collect();
+                        let _: Vec<()> = raises.collect().await;
+                    }
+                    return Ok(Attempt::Acquired {
+                        token: FencingToken::new(value, epoch),
+                        validity,
+                    });
+                }
+            }
+            // Not ours: undo whatever was granted (and whatever may still land).
+            if !granted.is_empty() || !failures.is_empty() || n > 1 {
+                self.undo(name, owner).await;
+            }
+            if n == 1 {
+                if let Some(error) = failures.pop() {
+                    return Err(unavailable(error));
+                }
+                return Ok(Attempt::Held {
+                    expires_in: held_for,
+                });
+            }
+            if held == 0 || failures.len() > n - self.quorum {
+                return Err(LockError::NoQuorum {
+                    granted: granted.len(),
+                    needed: self.quorum,
+                    unreachable: failures.len(),
+                });
+            }
+            Ok(Attempt::Held {
+                expires_in: held_for,
+            })
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        name: &'a str,
+        owner: OwnerToken,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Option<Duration>, LockError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let owner_hex = owner.to_hex();
+            let ttl_ms = (ttl.as_millis() as u64).max(1).to_string();
+            let calls: FuturesUnordered<_> = self
+                .nodes
+                .iter()
+                .map(|node| {
+                    let key = lock_key(&node.store, name);
+                    let (owner_hex, ttl_ms) = (&owner_hex, &ttl_ms);
+                    async move {
+                        node.store
+                            .eval::<i64>(
+                                &scripts().extend,
+                                &[&key],
+                                &[owner_hex.as_bytes(), ttl_ms.as_bytes()],
+                            )
+                            .await
+                    }
+                })
+                .collect();
+            let answers: Vec<Result<i64, StoreError>> = calls.collect().await;
+            let extended = answers.iter().filter(|a| matches!(a, Ok(1))).count();
+            let refused = answers.iter().filter(|a| matches!(a, Ok(0))).count();
+            let validity = ttl.checked_sub(started.elapsed() + self.drift(ttl));
+            if extended >= self.quorum {
+                return Ok(validity);
+            }
+            if refused > self.nodes.len() - self.quorum {
+                return Ok(None);
+            }
+            let error = answers.into_iter().find_map(Result::err);
+            Err(match error {
+                Some(error) if self.nodes.len() == 1 => unavailable(error),
+                _ => LockError::NoQuorum {
+                    granted: extended,
+                    needed: self.quorum,
+                    unreachable: self.nodes.len() - extended - refused,
+                },
+            })
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        name: &'a str,
+        owner: OwnerToken,
+    ) -> BoxFuture<'a, Result<bool, LockError>> {
+        Box::pin(async move {
+            let owner = owner.to_hex();
+            let calls: FuturesUnordered<_> = self
+                .nodes
+                .iter()
+                .map(|node| release_on(node, name, &owner))
+                .collect();
+            let answers: Vec<Result<bool, StoreError>> = calls.collect().await;
+            let released = answers.iter().filter(|a| matches!(a, Ok(true))).count();
+            if released >= self.quorum {
+                return Ok(true);
+            }
+            let answered = answers.iter().filter(|a| a.is_ok()).count();
+            if answered == 0 {
+                let error = answers.into_iter().find_map(Result::err);
+                return Err(error.map_or(LockError::Lost, unavailable));
+            }
+            Ok(false)
+        })
+    }
+
+    fn subscribe<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Option<Subscription>> {
+        Box::pin(async move {
+            let (subscription, first) = self.waiters.register(name);
+            if !first {
+                return Some(subscription);
+            }
+            let calls: FuturesUnordered<_> = self
+                .nodes
+                .iter()
+                .map(|node| {
+                    let channel = channel(&node.store, name);
+                    let waiters = Arc::downgrade(&self.waiters);
+                    async move { node.notifier.subscribe(&channel, waiters).await }
+                })
+                .collect();
+            let listening: Vec<bool> = calls.collect().await;
+            listening.contains(&true).then_some(subscription)
+        })
+    }
+}
+
+/// One pub/sub connection to one node, shared by every waiter of the process.
+struct Notifier {
+    url: String,
+    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    failed_at: Mutex<Option<Instant>>,
+}
+
+impl Notifier {
+    /// Subscribes to `channel`, connecting first when needed. False when the node cannot
+    /// be reached now (then waiters poll; a reconnect is tried at most once a second).
+    async fn subscribe(&self, channel: &str, waiters: Weak<WaitList>) -> bool {
+        let mut sink = self.sink.lock().await;
+        if sink.is_none() {
+            {
+                let failed_at = self.failed_at.lock().unwrap_or_else(PoisonError::into_inner);
+                if failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                    return false;
+                }
+            }
+            match tokio::time::timeout(Duration::from_millis(500), self.connect(waiters)).await {
+                Ok(Some(connected)) => *sink = Some(connected),
+                _ => {
+                    *self.failed_at.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some(Instant::now());
+                    return false;
+                }
+            }
+        }
+        let Some(connected) = sink.as_mut() else {
+            return false;
+        };
+        match tokio::time::timeout(Duration::from_millis(500), connected.subscribe(channel)).await {
+            Ok(Ok(())) => true,
+            _ => {
+                *sink = None;
+                false
+            }
+        }
+    }
+
+    async fn unsubscribe(&self, channel: &str) {
+        let mut sink = self.sink.lock().await;
+        if let Some(connected) = sink.as_mut() {
+            if !matches!(
+                tokio::time::timeout(Duration::from_millis(500), connected.unsubscribe(channel)).await,
+                Ok(Ok(()))
+            ) {
+                *sink = None;
+            }
+        }
+    }
+
+    /// Opens the pub/sub connection and starts the task that wakes waiters on messages.
+    async fn connect(&self, waiters: Weak<WaitList>) -> Option<PubSubSink> {
+        let client = redis::Client::open(self.url.as_str()).ok()?;
+        let pubsub = client.get_async_pubsub().await.ok()?;
+        let (sink, mut stream) = pubsub.split();
+        tokio::spawn(async move {
+            while let Some(message) = stream.next().await {
+                let Some(list) = waiters.upgrade() else {
+                    return;
+                };
+                if let Some(name) = name_of_channel(message.get_channel_name().as_bytes()) {
+                    list.wake(name);
+                }
+            }
+            // The connection is gone: wake every waiter so none sleeps on a message that
+            // cannot come; they poll until a new subscription is made.
+            if let Some(list) = waiters.upgrade() {
+                for name in list.names() {
+                    list.wake(&name);
+                }
+            }
+        });
+        Some(sink)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_parse_back() {
+        assert_eq!(
+            name_of_channel(b"battlement:lock:{order:42}:released"),
+            Some("order:42")
+        );
+        assert_eq!(name_of_channel(b"battlement:lock:order:released"), None);
+        assert_eq!(name_of_channel(b"\xff{x}:released"), None);
+    }
+}
