@@ -118,14 +118,50 @@ pub trait LockBackend: Send + Sync + 'static {
     fn subscribe<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Option<Subscription>>;
 }
 
+/// A shared backend: several managers over one backend (for example one in-process
+/// backend shared by managers configured differently).
+impl<T: LockBackend + ?Sized> LockBackend for Arc<T> {
+    fn acquire<'a>(
+        &'a self,
+        name: &'a str,
+        owner: OwnerToken,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Attempt, LockError>> {
+        (**self).acquire(name, owner, ttl)
+    }
+
+    fn extend<'a>(
+        &'a self,
+        name: &'a str,
+        owner: OwnerToken,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Option<Duration>, LockError>> {
+        (**self).extend(name, owner, ttl)
+    }
+
+    fn release<'a>(
+        &'a self,
+        name: &'a str,
+        owner: OwnerToken,
+    ) -> BoxFuture<'a, Result<bool, LockError>> {
+        (**self).release(name, owner)
+    }
+
+    fn subscribe<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Option<Subscription>> {
+        (**self).subscribe(name)
+    }
+}
+
 /// Local waiters for release notifications, by lock name: every waiter in this process for
 /// one name shares one entry (and, for Redis, one subscription), and a release wakes them
 /// one at a time in the order they started waiting.
 #[derive(Default)]
 pub struct WaitList {
     names: Mutex<HashMap<String, (Arc<Notify>, usize)>>,
-    on_empty: Option<Box<dyn Fn(&str) + Send + Sync>>,
+    on_empty: Option<Box<OnEmpty>>,
 }
+
+type OnEmpty = dyn Fn(&str) + Send + Sync;
 
 impl fmt::Debug for WaitList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -234,10 +270,10 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        if self.list.unregister(&self.name) {
-            if let Some(f) = &self.list.on_empty {
-                f(&self.name);
-            }
+        if self.list.unregister(&self.name)
+            && let Some(f) = &self.list.on_empty
+        {
+            f(&self.name);
         }
     }
 }

@@ -28,14 +28,14 @@ pub(crate) struct Held {
 impl Drop for Held {
     fn drop(&mut self) {
         // A lease lost while the request ran is worth a line in the request's log.
-        if self.guard.is_lost() {
-            if let Some(annotation) = &self.annotation {
-                annotation.update(|record| {
-                    if let Some(note) = &mut record.lock {
-                        note.outcome = LockOutcome::Lost;
-                    }
-                });
-            }
+        if self.guard.is_lost()
+            && let Some(annotation) = &self.annotation
+        {
+            annotation.update(|record| {
+                if let Some(note) = &mut record.lock {
+                    note.outcome = LockOutcome::Lost;
+                }
+            });
         }
     }
 }

@@ -7,10 +7,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::LockError;
 use super::backend::{Attempt, LockBackend, OwnerToken, Subscription};
 use super::guard::{Lease, LockGuard, release_in_background};
 use super::memory::MemoryLockBackend;
-use super::LockError;
 
 /// Default lease: how long a lock outlives a holder that died without releasing it.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
@@ -204,7 +204,9 @@ impl LockManager {
     /// Cancel-safe: dropping the future at any point leaves nothing held (an attempt that
     /// was in flight is undone in the background with its owner token).
     pub async fn acquire(&self, name: &str, wait: Duration) -> Result<LockGuard, LockError> {
-        self.acquire_inner(name, wait).await.map(|g| g.expect("a wait never yields None"))
+        self.acquire_inner(name, wait)
+            .await
+            .map(|g| g.expect("a wait never yields None"))
     }
 
     /// Takes `name` if it is free now: `Ok(None)` when someone holds it.
@@ -240,31 +242,32 @@ impl LockManager {
                 armed: true,
             };
             let attempt_started = Instant::now();
-            let (last_error, expires_in) = match shared.backend.acquire(name, owner, config.ttl).await {
-                Ok(Attempt::Acquired { token, validity }) => {
-                    pending.armed = false;
-                    let now = Instant::now();
-                    let (tx, _) = watch::channel(false);
-                    let lease = Lease {
-                        name: name.to_owned(),
-                        token,
-                        deadline: Mutex::new(attempt_started + validity),
-                        lost: tx,
-                        acquired_at: now,
-                        waited: now - started,
-                        attempts,
-                    };
-                    return Ok(Some(LockGuard::new(shared.clone(), lease, owner)));
-                }
-                Ok(Attempt::Held { expires_in }) => {
-                    pending.armed = false;
-                    (None, expires_in)
-                }
-                Err(error) if !error.is_retryable() => return Err(error),
-                // An attempt that failed may still have been applied (a timeout after the
-                // write): `pending` undoes it when dropped at the end of this iteration.
-                Err(error) => (Some(error), None),
-            };
+            let (last_error, expires_in) =
+                match shared.backend.acquire(name, owner, config.ttl).await {
+                    Ok(Attempt::Acquired { token, validity }) => {
+                        pending.armed = false;
+                        let now = Instant::now();
+                        let (tx, _) = watch::channel(false);
+                        let lease = Lease {
+                            name: name.to_owned(),
+                            token,
+                            deadline: Mutex::new(attempt_started + validity),
+                            lost: tx,
+                            acquired_at: now,
+                            waited: now - started,
+                            attempts,
+                        };
+                        return Ok(Some(LockGuard::new(shared.clone(), lease, owner)));
+                    }
+                    Ok(Attempt::Held { expires_in }) => {
+                        pending.armed = false;
+                        (None, expires_in)
+                    }
+                    Err(error) if !error.is_retryable() => return Err(error),
+                    // An attempt that failed may still have been applied (a timeout after the
+                    // write): `pending` undoes it when dropped at the end of this iteration.
+                    Err(error) => (Some(error), None),
+                };
             drop(pending);
             let now = Instant::now();
             if now >= deadline {
@@ -348,7 +351,10 @@ pub(crate) async fn watchdog(shared: Arc<Shared>, lease: Arc<Lease>, owner: Owne
     let hold_until = lease.acquired_at + config.max_hold;
     let mut next = lease.acquired_at + ttl / 3;
     loop {
-        let deadline = *lease.deadline.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let deadline = *lease
+            .deadline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !config.watchdog || next >= hold_until {
             tokio::time::sleep_until(deadline).await;
             lease.mark_lost();
@@ -360,7 +366,8 @@ pub(crate) async fn watchdog(shared: Arc<Shared>, lease: Arc<Lease>, owner: Owne
             return;
         }
         let started = Instant::now();
-        let result = tokio::time::timeout(ttl / 3, shared.backend.extend(&lease.name, owner, ttl)).await;
+        let result =
+            tokio::time::timeout(ttl / 3, shared.backend.extend(&lease.name, owner, ttl)).await;
         match result {
             Ok(Ok(Some(validity))) => {
                 lease.set_deadline(started + validity);

@@ -94,9 +94,7 @@ fn refusal(error: &LockError, busy: BusyResponse) -> (Rejection, LockOutcome) {
                     .with_detail("Another request is working on this resource."),
                 BusyResponse::ServiceUnavailable => {
                     Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "Resource busy")
-                        .with_detail(
-                            "Another request is working on this resource; retry shortly.",
-                        )
+                        .with_detail("Another request is working on this resource; retry shortly.")
                         .with_header(header::RETRY_AFTER, retry)
                 }
             };

@@ -74,11 +74,7 @@ impl fmt::Debug for LockGuard {
 }
 
 impl LockGuard {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        lease: Lease,
-        owner: OwnerToken,
-    ) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, lease: Lease, owner: OwnerToken) -> Self {
         let lease = Arc::new(lease);
         let watchdog = tokio::runtime::Handle::try_current().ok().map(|handle| {
             handle
@@ -157,7 +153,9 @@ impl LockGuard {
             self.shared.backend.release(&self.lease.name, self.owner),
         )
         .await
-        .map_err(|_| LockError::Unavailable(format!("release timed out after {timeout:?}").into()))??;
+        .map_err(|_| {
+            LockError::Unavailable(format!("release timed out after {timeout:?}").into())
+        })??;
         if released && !self.lease.is_lost() {
             Ok(())
         } else {

@@ -73,10 +73,12 @@ impl MemoryLockBackend {
         let mut prev = self.counter.load(Ordering::Relaxed);
         loop {
             let next = (prev + 1).max(now);
-            match self
-                .counter
-                .compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Relaxed)
-            {
+            match self.counter.compare_exchange_weak(
+                prev,
+                next,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return FencingToken::new(next, self.epoch),
                 Err(actual) => prev = actual,
             }
@@ -86,12 +88,12 @@ impl MemoryLockBackend {
     fn try_acquire(&self, name: &str, owner: OwnerToken, ttl: Duration) -> Attempt {
         let now = Instant::now();
         let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, expires)) = locks.held.get(name) {
-            if *expires > now {
-                return Attempt::Held {
-                    expires_in: Some(*expires - now),
-                };
-            }
+        if let Some((_, expires)) = locks.held.get(name)
+            && *expires > now
+        {
+            return Attempt::Held {
+                expires_in: Some(*expires - now),
+            };
         }
         // Sweep expired leases whenever the table doubled since the last sweep: amortised
         // O(1) per acquisition, and the table never holds more than twice the live leases.
@@ -205,11 +207,19 @@ mod tests {
     async fn expired_leases_are_swept() {
         let b = MemoryLockBackend::new();
         for i in 0..200 {
-            b.try_acquire(&format!("n{i}"), OwnerToken::random(), Duration::from_secs(1));
+            b.try_acquire(
+                &format!("n{i}"),
+                OwnerToken::random(),
+                Duration::from_secs(1),
+            );
         }
         tokio::time::advance(Duration::from_secs(2)).await;
         for i in 0..200 {
-            b.try_acquire(&format!("m{i}"), OwnerToken::random(), Duration::from_secs(1));
+            b.try_acquire(
+                &format!("m{i}"),
+                OwnerToken::random(),
+                Duration::from_secs(1),
+            );
         }
         assert!(b.held() < 400, "{} leases kept", b.held());
     }

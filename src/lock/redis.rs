@@ -125,7 +125,9 @@ impl RedisLockBackend {
     pub fn redlock(stores: impl IntoIterator<Item = RedisStore>) -> Result<Self, LockError> {
         let stores: Vec<RedisStore> = stores.into_iter().collect();
         if stores.is_empty() {
-            return Err(LockError::Config("Redlock needs at least one Redis node".into()));
+            return Err(LockError::Config(
+                "Redlock needs at least one Redis node".into(),
+            ));
         }
         Ok(Self::build(stores))
     }
@@ -264,15 +266,18 @@ impl LockBackend for RedisLockBackend {
                 .iter()
                 .enumerate()
                 .map(|(i, node)| {
-                    let (owner_hex, ttl_ms, fence_ttl_ms) = (&owner_hex, &ttl_ms, &fence_ttl_ms);
+                    // Owned, so the calls still in flight when a quorum has answered can
+                    // finish in the background: the nodes they reach hold the lock too, and
+                    // extend and release treat them like the others.
+                    let store = node.store.clone();
+                    let keys = [lock_key(&store, name), fence_key(&store, name)];
+                    let args = [owner_hex.clone(), ttl_ms.clone(), fence_ttl_ms.clone()];
                     async move {
-                        let keys = [lock_key(&node.store, name), fence_key(&node.store, name)];
-                        let answer: Result<Vec<i64>, StoreError> = node
-                            .store
+                        let answer: Result<Vec<i64>, StoreError> = store
                             .eval(
                                 &scripts().acquire,
                                 &[&keys[0], &keys[1]],
-                                &[owner_hex.as_bytes(), ttl_ms.as_bytes(), fence_ttl_ms.as_bytes()],
+                                &[args[0].as_bytes(), args[1].as_bytes(), args[2].as_bytes()],
                             )
                             .await;
                         let answer = match answer {
@@ -282,10 +287,12 @@ impl LockBackend for RedisLockBackend {
                             Ok(v) if v.len() == 2 => NodeAnswer::Held(
                                 u64::try_from(v[1]).ok().map(Duration::from_millis),
                             ),
-                            Ok(_) => NodeAnswer::Failed(StoreError::Redis(redis::RedisError::from((
-                                redis::ErrorKind::UnexpectedReturnType,
-                                "unexpected lock script reply",
-                            )))),
+                            Ok(_) => {
+                                NodeAnswer::Failed(StoreError::Redis(redis::RedisError::from((
+                                    redis::ErrorKind::UnexpectedReturnType,
+                                    "unexpected lock script reply",
+                                ))))
+                            }
                             Err(e) => NodeAnswer::Failed(e),
                         };
                         (i, answer)
@@ -309,51 +316,55 @@ impl LockBackend for RedisLockBackend {
                     }
                     NodeAnswer::Failed(e) => failures.push(e),
                 }
-                if granted.len() >= self.quorum || n - held - failures.len() < self.quorum {
+                // Return as soon as a quorum granted. A failed attempt waits for every node
+                // (each bounded by its timeout) so that the undo below comes after them.
+                if granted.len() >= self.quorum {
                     break;
                 }
             }
-            drop(calls);
+            if !calls.is_empty() {
+                tokio::spawn(async move { while calls.next().await.is_some() {} });
+            }
             let validity = ttl
                 .checked_sub(started.elapsed() + self.drift(ttl))
                 .filter(|v| !v.is_zero());
-            if granted.len() >= self.quorum {
-                if let Some(validity) = validity {
-                    let &(_, value, epoch) = granted
+            if granted.len() >= self.quorum
+                && let Some(validity) = validity
+            {
+                let &(_, value, epoch) = granted
+                    .iter()
+                    .max_by_key(|(_, c, e)| (*c, *e))
+                    .expect("a quorum is at least one node");
+                if n > 1 {
+                    // Raise the counters of the nodes that minted less, so every later
+                    // quorum (it shares a node with this one) mints more than `value`.
+                    let raises: FuturesUnordered<_> = granted
                         .iter()
-                        .max_by_key(|(_, c, e)| (*c, *e))
-                        .expect("a quorum is at least one node");
-                    if n > 1 {
-                        // Raise the counters of the nodes that minted less, so every later
-                        // quorum (it shares a node with this one) mints more than `value`.
-                        let raises: FuturesUnordered<_> = granted
-                            .iter()
-                            .filter(|(_, c, _)| *c < value)
-                            .map(|&(i, _, _)| {
-                                let node = &self.nodes[i];
-                                let owner_hex = &owner_hex;
-                                async move {
-                                    let keys =
-                                        [lock_key(&node.store, name), fence_key(&node.store, name)];
-                                    let value = value.to_string();
-                                    let _: Result<i64, _> = node
-                                        .store
-                                        .eval(
-                                            &scripts().raise,
-                                            &[&keys[0], &keys[1]],
-                                            &[owner_hex.as_bytes(), value.as_bytes()],
-                                        )
-                                        .await;
-                                }
-                            })
-                            .collect();
-                        let _: Vec<()> = raises.collect().await;
-                    }
-                    return Ok(Attempt::Acquired {
-                        token: FencingToken::new(value, epoch),
-                        validity,
-                    });
+                        .filter(|(_, c, _)| *c < value)
+                        .map(|&(i, _, _)| {
+                            let node = &self.nodes[i];
+                            let owner_hex = &owner_hex;
+                            async move {
+                                let keys =
+                                    [lock_key(&node.store, name), fence_key(&node.store, name)];
+                                let value = value.to_string();
+                                let _: Result<i64, _> = node
+                                    .store
+                                    .eval(
+                                        &scripts().raise,
+                                        &[&keys[0], &keys[1]],
+                                        &[owner_hex.as_bytes(), value.as_bytes()],
+                                    )
+                                    .await;
+                            }
+                        })
+                        .collect();
+                    let _: Vec<()> = raises.collect().await;
                 }
+                return Ok(Attempt::Acquired {
+                    token: FencingToken::new(value, epoch),
+                    validity,
+                });
             }
             // Not ours: undo whatever was granted (and whatever may still land).
             if !granted.is_empty() || !failures.is_empty() || n > 1 {
@@ -490,7 +501,10 @@ impl Notifier {
         let mut sink = self.sink.lock().await;
         if sink.is_none() {
             {
-                let failed_at = self.failed_at.lock().unwrap_or_else(PoisonError::into_inner);
+                let failed_at = self
+                    .failed_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 if failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
                     return false;
                 }
@@ -498,8 +512,10 @@ impl Notifier {
             match tokio::time::timeout(Duration::from_millis(500), self.connect(waiters)).await {
                 Ok(Some(connected)) => *sink = Some(connected),
                 _ => {
-                    *self.failed_at.lock().unwrap_or_else(PoisonError::into_inner) =
-                        Some(Instant::now());
+                    *self
+                        .failed_at
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
                     return false;
                 }
             }
@@ -518,13 +534,14 @@ impl Notifier {
 
     async fn unsubscribe(&self, channel: &str) {
         let mut sink = self.sink.lock().await;
-        if let Some(connected) = sink.as_mut() {
-            if !matches!(
-                tokio::time::timeout(Duration::from_millis(500), connected.unsubscribe(channel)).await,
+        if let Some(connected) = sink.as_mut()
+            && !matches!(
+                tokio::time::timeout(Duration::from_millis(500), connected.unsubscribe(channel))
+                    .await,
                 Ok(Ok(()))
-            ) {
-                *sink = None;
-            }
+            )
+        {
+            *sink = None;
         }
     }
 

@@ -1,0 +1,438 @@
+//! Distributed locks on memory, one real Redis, and Redlock over real Redis masters.
+
+#![cfg(all(feature = "lock", feature = "redis"))]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use battlement::lock::{FencingToken, LockError, LockManager, MemoryLockBackend};
+use battlement::redis::{RedisConfig, RedisStore};
+use support::RedisServer;
+
+async fn store(server: &RedisServer) -> RedisStore {
+    RedisStore::connect(RedisConfig::single(server.url()).timeout(Duration::from_millis(200)))
+        .await
+        .expect("connect to the test redis")
+}
+
+/// A resource that refuses stale fencing tokens and detects overlapping writers.
+#[derive(Default)]
+struct Resource {
+    value: AtomicU64,
+    last_fence: std::sync::Mutex<Option<FencingToken>>,
+    writes: AtomicU64,
+}
+
+/// Many tasks spread over `managers` (as replicas) each do a read-modify-write in the
+/// critical section; no update may be lost and fencing tokens must strictly increase.
+async fn mutual_exclusion(managers: Vec<LockManager>, tasks_per_manager: usize, rounds: usize) {
+    let resource = Arc::new(Resource::default());
+    let mut handles = Vec::new();
+    for manager in &managers {
+        for _ in 0..tasks_per_manager {
+            let manager = manager.clone();
+            let resource = resource.clone();
+            handles.push(tokio::spawn(async move {
+                for _ in 0..rounds {
+                    let guard = manager
+                        .acquire("counter", Duration::from_secs(20))
+                        .await
+                        .expect("acquire within the wait");
+                    {
+                        let mut last = resource.last_fence.lock().unwrap();
+                        let token = guard.fencing_token();
+                        assert!(
+                            last.is_none_or(|l| token > l),
+                            "fencing token {token:?} not above {last:?}"
+                        );
+                        *last = Some(token);
+                    }
+                    let read = resource.value.load(Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                    resource.value.store(read + 1, Ordering::SeqCst);
+                    resource.writes.fetch_add(1, Ordering::SeqCst);
+                    guard.release().await.expect("still ours at release");
+                }
+            }));
+        }
+    }
+    for h in handles {
+        h.await.expect("task");
+    }
+    let expected = (managers.len() * tasks_per_manager * rounds) as u64;
+    assert_eq!(resource.writes.load(Ordering::SeqCst), expected);
+    assert_eq!(
+        resource.value.load(Ordering::SeqCst),
+        expected,
+        "an update was lost: two holders overlapped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_mutual_exclusion_three_managers() {
+    let backend = Arc::new(MemoryLockBackend::new());
+    let managers = (0..3)
+        .map(|_| LockManager::builder().backend(backend.clone()))
+        .collect();
+    mutual_exclusion(managers, 4, 25).await;
+    assert_eq!(backend.held(), 0, "every lock released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_mutual_exclusion_three_replicas() {
+    let server = RedisServer::start();
+    let mut managers = Vec::new();
+    for _ in 0..3 {
+        managers.push(LockManager::redis(store(&server).await));
+    }
+    mutual_exclusion(managers, 4, 10).await;
+    assert_eq!(
+        server.command(&["EXISTS", "battlement:lock:{counter}"]),
+        "0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_mutual_exclusion_three_replicas() {
+    let servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let mut managers = Vec::new();
+    for _ in 0..3 {
+        let mut stores = Vec::new();
+        for s in &servers {
+            stores.push(store(s).await);
+        }
+        managers.push(LockManager::redlock(stores).unwrap());
+    }
+    mutual_exclusion(managers, 3, 8).await;
+}
+
+#[tokio::test]
+async fn redlock_survives_two_of_five_down_and_refuses_with_three_down() {
+    let mut servers: Vec<RedisServer> = (0..5).map(|_| RedisServer::start()).collect();
+    let mut stores = Vec::new();
+    for s in &servers {
+        stores.push(store(s).await);
+    }
+    let locks = LockManager::builder()
+        .ttl(Duration::from_secs(5))
+        .redlock(stores)
+        .unwrap();
+
+    let first = locks.acquire("r", Duration::from_secs(1)).await.unwrap();
+    let t1 = first.fencing_token();
+    first.release().await.unwrap();
+
+    servers[0].stop();
+    servers[1].stop();
+    let second = locks
+        .acquire("r", Duration::from_secs(2))
+        .await
+        .expect("a majority (3 of 5) is still up");
+    assert!(second.fencing_token() > t1);
+    // Exclusive on the remaining majority.
+    assert!(locks.try_acquire("r").await.unwrap().is_none());
+    second.release().await.unwrap();
+
+    servers[2].stop();
+    let started = Instant::now();
+    let wait = Duration::from_millis(800);
+    let refused = tokio::time::timeout(Duration::from_secs(5), locks.acquire("r", wait))
+        .await
+        .expect("the acquisition must end within its deadline, not hang");
+    match refused {
+        Err(LockError::NoQuorum {
+            needed, granted, ..
+        }) => {
+            assert_eq!(needed, 3);
+            assert!(granted < 3);
+        }
+        other => panic!("expected NoQuorum, got {other:?}"),
+    }
+    assert!(started.elapsed() < wait + Duration::from_secs(2));
+    // Nothing is left held on the live nodes after the failed attempts.
+    for s in &servers[3..] {
+        assert_eq!(s.command(&["EXISTS", "battlement:lock:{r}"]), "0");
+    }
+}
+
+#[tokio::test]
+async fn redlock_node_restarted_without_data_keeps_tokens_increasing() {
+    let mut servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let mut stores = Vec::new();
+    for s in &servers {
+        stores.push(store(s).await);
+    }
+    let locks = LockManager::redlock(stores).unwrap();
+    let held = locks.acquire("n", Duration::from_secs(1)).await.unwrap();
+    let t1 = held.fencing_token();
+    // One node loses everything (its lock key and its fencing counter).
+    servers[0].restart();
+    assert_eq!(servers[0].command(&["EXISTS", "battlement:lock:{n}"]), "0");
+    // The other two still hold the lock: no one else gets it.
+    assert!(locks.try_acquire("n").await.unwrap().is_none());
+    held.release()
+        .await
+        .expect("released on the two nodes that had it");
+    // The restarted node's counter starts again from its clock: tokens still increase.
+    let next = locks.acquire("n", Duration::from_secs(2)).await.unwrap();
+    assert!(
+        next.fencing_token() > t1,
+        "{:?} !> {t1:?}",
+        next.fencing_token()
+    );
+    next.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_restart_without_data_changes_epoch_and_tokens_still_increase() {
+    let mut server = RedisServer::start();
+    let locks = LockManager::redis(store(&server).await);
+    let first = locks.acquire("e", Duration::from_secs(1)).await.unwrap();
+    let t1 = first.fencing_token();
+    first.release().await.unwrap();
+    server.restart();
+    let mut second = None;
+    for _ in 0..50 {
+        match locks.acquire("e", Duration::from_secs(1)).await {
+            Ok(g) => {
+                second = Some(g);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let second = second.expect("the store reconnects after the restart");
+    let t2 = second.fencing_token();
+    assert!(t2 > t1, "{t2:?} !> {t1:?}");
+    assert_ne!(
+        t2.epoch(),
+        t1.epoch(),
+        "a lost counter shows as a new epoch"
+    );
+}
+
+#[tokio::test]
+async fn watchdog_keeps_the_lock_past_its_ttl() {
+    let server = RedisServer::start();
+    let ttl = Duration::from_millis(300);
+    let holder = LockManager::builder().ttl(ttl).redis(store(&server).await);
+    let other = LockManager::redis(store(&server).await);
+    let guard = holder.acquire("w", Duration::from_secs(1)).await.unwrap();
+    tokio::time::sleep(ttl * 4).await;
+    assert!(!guard.is_lost());
+    assert!(
+        other.try_acquire("w").await.unwrap().is_none(),
+        "extended past its TTL"
+    );
+    assert!(guard.deadline() > tokio::time::Instant::now());
+    guard.release().await.unwrap();
+    assert!(other.try_acquire("w").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn hold_cap_stops_the_watchdog() {
+    let server = RedisServer::start();
+    let ttl = Duration::from_millis(200);
+    let holder = LockManager::builder()
+        .ttl(ttl)
+        .max_hold(Duration::from_millis(300))
+        .redis(store(&server).await);
+    let guard = holder.acquire("cap", Duration::from_secs(1)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(3), guard.lost())
+        .await
+        .expect("the lease runs out after the cap");
+    // The server's copy of the lease ends at most a round trip after the local deadline.
+    assert!(holder.acquire("cap", Duration::from_secs(1)).await.is_ok());
+}
+
+#[tokio::test]
+async fn redis_paused_past_the_ttl_fires_lost() {
+    let server = RedisServer::start_with_args(&["--enable-debug-command", "yes"]);
+    let ttl = Duration::from_millis(300);
+    let locks = LockManager::builder().ttl(ttl).redis(store(&server).await);
+    let guard = locks.acquire("p", Duration::from_secs(1)).await.unwrap();
+    let addr = server.addr();
+    let sleeper = std::thread::spawn(move || {
+        support::resp_command(&addr, &["DEBUG", "SLEEP", "1.5"], Duration::from_secs(5))
+    });
+    tokio::time::timeout(Duration::from_secs(5), guard.lost())
+        .await
+        .expect("lost() fires when the lease cannot be extended in time");
+    assert!(guard.is_lost());
+    let reply = sleeper.join().unwrap().expect("DEBUG SLEEP answered");
+    assert!(!reply.is_error(), "{reply:?}");
+    assert!(matches!(guard.release().await, Err(LockError::Lost)));
+}
+
+#[tokio::test]
+async fn cancelled_acquire_leaves_nothing_held() {
+    let server = RedisServer::start();
+    let locks = LockManager::builder()
+        .ttl(Duration::from_secs(30))
+        .redis(store(&server).await);
+    // Writes are held back: the SET of the acquisition is in flight when it is cancelled.
+    server.pause_writes(Duration::from_secs(5));
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(50),
+        locks.acquire("c", Duration::from_secs(5)),
+    )
+    .await;
+    assert!(
+        cancelled.is_err(),
+        "the acquisition was cancelled mid-flight"
+    );
+    server.unpause();
+    // The SET landed after the cancellation; the undo that followed it released it, long
+    // before the 30 s TTL.
+    let other = LockManager::redis(store(&server).await);
+    let got = other.acquire("c", Duration::from_secs(3)).await;
+    assert!(got.is_ok(), "{got:?}");
+}
+
+#[tokio::test]
+async fn aborted_task_releases_its_guard() {
+    let server = RedisServer::start();
+    let locks = LockManager::builder()
+        .ttl(Duration::from_secs(30))
+        .redis(store(&server).await);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let holder = {
+        let locks = locks.clone();
+        tokio::spawn(async move {
+            let _guard = locks.acquire("a", Duration::from_secs(1)).await.unwrap();
+            tx.send(()).unwrap();
+            std::future::pending::<()>().await;
+        })
+    };
+    rx.await.unwrap();
+    assert!(locks.try_acquire("a").await.unwrap().is_none());
+    holder.abort();
+    let got = locks.acquire("a", Duration::from_secs(3)).await;
+    assert!(got.is_ok(), "released when the holding task died: {got:?}");
+}
+
+#[tokio::test]
+async fn waiter_is_woken_by_release_not_by_polling() {
+    let server = RedisServer::start();
+    // Polling every minute: only the release notification can get the waiter in within
+    // its 5 s budget.
+    let slow_poll = || {
+        LockManager::builder()
+            .ttl(Duration::from_secs(30))
+            .retry_backoff(Duration::from_secs(60), Duration::from_secs(60))
+    };
+    let holder = slow_poll().redis(store(&server).await);
+    let waiter = slow_poll().redis(store(&server).await);
+    let guard = holder
+        .acquire("wake", Duration::from_secs(1))
+        .await
+        .unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        guard.release().await.unwrap();
+    });
+    let got = waiter
+        .acquire("wake", Duration::from_secs(5))
+        .await
+        .expect("woken by the release");
+    assert!(got.attempts() <= 3, "{} attempts", got.attempts());
+    assert!(got.waited() >= Duration::from_millis(250));
+    release.await.unwrap();
+}
+
+#[tokio::test]
+async fn waiters_in_one_process_share_one_subscription() {
+    let server = RedisServer::start();
+    let locks = LockManager::builder()
+        .retry_backoff(Duration::from_secs(60), Duration::from_secs(60))
+        .redis(store(&server).await);
+    let guard = locks
+        .acquire("shared", Duration::from_secs(1))
+        .await
+        .unwrap();
+    let mut waiters = Vec::new();
+    for _ in 0..8 {
+        let locks = locks.clone();
+        waiters.push(tokio::spawn(async move {
+            let g = locks
+                .acquire("shared", Duration::from_secs(10))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            g.release().await.unwrap();
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let numsub = server.command(&["PUBSUB", "NUMSUB", "battlement:lock:{shared}:released"]);
+    assert_eq!(
+        numsub, "battlement:lock:{shared}:released\n1",
+        "one subscription"
+    );
+    guard.release().await.unwrap();
+    for w in waiters {
+        tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("each waiter is woken in turn")
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let numsub = server.command(&["PUBSUB", "NUMSUB", "battlement:lock:{shared}:released"]);
+    assert_eq!(
+        numsub, "battlement:lock:{shared}:released\n0",
+        "unsubscribed at the end"
+    );
+}
+
+#[tokio::test]
+async fn redis_down_is_unavailable_within_the_wait() {
+    let mut server = RedisServer::start();
+    let locks = LockManager::redis(store(&server).await);
+    server.stop();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        locks.acquire("down", Duration::from_millis(300)),
+    )
+    .await
+    .expect("bounded by the wait");
+    assert!(matches!(r, Err(LockError::Unavailable(_))), "{r:?}");
+}
+
+#[tokio::test]
+async fn invalid_names_are_refused() {
+    let locks = LockManager::memory();
+    for name in ["", "a{b}", "line\nbreak", &"x".repeat(300)] {
+        assert!(matches!(
+            locks.try_acquire(name).await,
+            Err(LockError::InvalidName)
+        ));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_watchdog_and_ttl_on_paused_time() {
+    let locks = LockManager::builder().ttl(Duration::from_secs(3)).memory();
+    let guard = locks.acquire("m", Duration::ZERO).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(!guard.is_lost(), "extended by the watchdog");
+    assert!(locks.try_acquire("m").await.unwrap().is_none());
+    drop(guard);
+    tokio::task::yield_now().await;
+    assert!(
+        locks.try_acquire("m").await.unwrap().is_some(),
+        "released on drop"
+    );
+
+    let no_watchdog = LockManager::builder()
+        .ttl(Duration::from_secs(3))
+        .watchdog(false)
+        .memory();
+    let g = no_watchdog.acquire("m2", Duration::ZERO).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(4), g.lost())
+        .await
+        .expect("without a watchdog the lease ends at its TTL");
+    assert!(no_watchdog.try_acquire("m2").await.unwrap().is_some());
+}
