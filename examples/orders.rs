@@ -36,6 +36,7 @@ use axum::{Extension, Json, Router};
 use battlement::auth::{AuthLayer, Issuer, JwtValidator, RequireScopes};
 use battlement::cache::CacheLayer;
 use battlement::key::{ClientIp, RequestHead};
+use battlement::lock::{HeldLock, LockLayer, LockManager};
 use battlement::principal::Principal;
 use battlement::rate_limit::{Quota, RateLimitLayer};
 use battlement::reject::Rejection;
@@ -52,6 +53,7 @@ struct Config {
     rate_limit_per_minute: u32,
     order_rate_limit_per_minute: u32,
     origin_delay: Duration,
+    pay_delay: Duration,
     log_format: String,
     jwt_secret: Option<String>,
     jwt_issuer: String,
@@ -95,6 +97,7 @@ impl Config {
             jwt_issuer: var("JWT_ISSUER", "battlement-demo".to_string()),
             jwt_audience: var("JWT_AUDIENCE", "orders-api".to_string()),
             origin_delay: Duration::from_millis(var("ORIGIN_DELAY_MS", 20)),
+            pay_delay: Duration::from_millis(var("PAY_DELAY_MS", 100)),
             log_format: var("LOG_FORMAT", "json".to_string()),
         };
         if config.rate_limit_per_minute == 0 {
@@ -249,6 +252,17 @@ async fn main() {
         )
         .layer(backend.cache());
     let orders_state = OrderStore::new(&backend);
+    // One payment per order at a time, across every copy of the service: the lock
+    // `order:{id}` is held while paying; a request that cannot get it in 2 s gets a 503.
+    let pay_lock = LockLayer::new(backend.locks(), |req| {
+        let id = req
+            .uri
+            .path()
+            .strip_prefix("/orders/")?
+            .strip_suffix("/pay")?;
+        Some(format!("order:{id}"))
+    })
+    .wait(Duration::from_secs(2));
     let create = backend.limit(
         Router::new().route(
             "/orders",
@@ -265,9 +279,12 @@ async fn main() {
         )
         .route(
             "/orders/{id}/pay",
-            post(pay_order).layer(RequireScopes::all(["orders:write"]).realm("orders-api")),
+            post(pay_order)
+                .layer::<_, std::convert::Infallible>(pay_lock)
+                .layer(RequireScopes::all(["orders:write"]).realm("orders-api")),
         )
         .merge(create)
+        .layer(Extension(PayDelay(config.pay_delay)))
         .layer(auth)
         .with_state(orders_state);
     let limited = backend.limit(products.merge(orders), per_ip);
@@ -407,6 +424,15 @@ impl Backend {
         }
     }
 
+    /// The distributed locks, on this backend.
+    fn locks(&self) -> LockManager {
+        #[cfg(feature = "redis")]
+        if let Some(store) = &self.redis {
+            return LockManager::redis(store.clone());
+        }
+        LockManager::memory()
+    }
+
     /// The product cache, on this backend.
     fn cache(&self) -> CacheLayer {
         #[cfg(feature = "redis")]
@@ -453,6 +479,10 @@ struct Order {
     note: Option<String>,
     status: String,
     owner: String,
+    /// The fencing token of the last payment (a string: Lua's JSON would round a number
+    /// this large); never shown to clients.
+    #[serde(default, skip_serializing)]
+    fence: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -476,20 +506,33 @@ enum Paid {
     Now,
     Already,
     NotFound,
+    /// A later lock holder already wrote: this holder's lease had run out.
+    Stale,
 }
 
 /// Moves an order from `pending` to `paid` atomically.
 #[cfg(feature = "redis")]
+/// Fenced: a write whose fencing token is not above the last one seen is refused, as a
+/// database would with `UPDATE ... WHERE fence < $1`.
 const PAY_SCRIPT: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if not v then return -1 end
 local order = cjson.decode(v)
 if order.owner ~= ARGV[1] then return -1 end
-if order.status ~= 'pending' then return 0 end
+if order.fence and tonumber(order.fence) >= tonumber(ARGV[2]) then return -2 end
+order.fence = ARGV[2]
+if order.status ~= 'pending' then
+  redis.call('SET', KEYS[1], cjson.encode(order))
+  return 0
+end
 order.status = 'paid'
 redis.call('SET', KEYS[1], cjson.encode(order))
 return 1
 "#;
+
+/// How long a payment takes (`PAY_DELAY_MS`).
+#[derive(Clone, Copy)]
+struct PayDelay(Duration);
 
 impl OrderStore {
     fn new(backend: &Backend) -> Self {
@@ -550,12 +593,23 @@ impl OrderStore {
         }
     }
 
-    async fn pay(&self, id: &str, owner: &str) -> Result<Paid, String> {
+    async fn pay(&self, id: &str, owner: &str, fence: u64) -> Result<Paid, String> {
         match self {
             OrderStore::Memory(map) => {
                 let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
                 Ok(match map.get_mut(id) {
+                    Some(order)
+                        if order.owner == owner
+                            && order
+                                .fence
+                                .as_deref()
+                                .and_then(|f| f.parse::<u64>().ok())
+                                .is_some_and(|last| last >= fence) =>
+                    {
+                        Paid::Stale
+                    }
                     Some(order) if order.owner == owner => {
+                        order.fence = Some(fence.to_string());
                         if order.status == "pending" {
                             order.status = "paid".into();
                             Paid::Now
@@ -571,12 +625,17 @@ impl OrderStore {
                 let key = store.key("order", &id);
                 let script = battlement::redis::Script::new(PAY_SCRIPT);
                 let outcome: i64 = store
-                    .eval(&script, &[&key], &[owner.as_bytes()])
+                    .eval(
+                        &script,
+                        &[&key],
+                        &[owner.as_bytes(), fence.to_string().as_bytes()],
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(match outcome {
                     1 => Paid::Now,
                     0 => Paid::Already,
+                    -2 => Paid::Stale,
                     _ => Paid::NotFound,
                 })
             }
@@ -644,6 +703,7 @@ async fn create_order(
         note: new.note,
         status: "pending".into(),
         owner: who.subject().to_owned(),
+        fence: None,
     };
     match store.insert(&order).await {
         Ok(()) => (StatusCode::CREATED, Json(order)).into_response(),
@@ -671,14 +731,36 @@ async fn get_order(
     }
 }
 
-/// `POST /orders/{id}/pay`: `pending` to `paid`, once.
+/// `POST /orders/{id}/pay`: `pending` to `paid`, once, under the lock `order:{id}` (the
+/// lock layer put it in the extensions), fenced with its token.
 async fn pay_order(
     State(store): State<OrderStore>,
     Extension(who): Extension<Principal>,
+    Extension(lock): Extension<HeldLock>,
+    Extension(PayDelay(delay)): Extension<PayDelay>,
     Path(id): Path<String>,
 ) -> Response {
-    match store.pay(&id, who.subject()).await {
-        Ok(Paid::Now) => Json(serde_json::json!({"id": id, "status": "paid"})).into_response(),
+    // The payment provider's latency. A lease lost meanwhile stops the payment here; the
+    // fenced write below would refuse it anyway.
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = lock.lost() => return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Service Unavailable",
+            "The payment lost its lock; retry.",
+        ),
+    }
+    let fence = lock.fencing_token().value();
+    match store.pay(&id, who.subject(), fence).await {
+        Ok(Paid::Now) => Json(serde_json::json!({
+            "id": id, "status": "paid", "fencing_token": fence,
+        }))
+        .into_response(),
+        Ok(Paid::Stale) => problem(
+            StatusCode::CONFLICT,
+            "Conflict",
+            "A later payment attempt already holds this order.",
+        ),
         Ok(Paid::Already) => problem(
             StatusCode::CONFLICT,
             "Conflict",

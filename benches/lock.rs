@@ -1,0 +1,160 @@
+//! Lock latency and contended throughput, side by side with `rslock`, on `redis-server`s
+//! the bench starts itself (free loopback ports, no persistence).
+//!
+//! - `lock/uncontended`: one acquire + release of a free lock: memory, one Redis, Redlock
+//!   over three nodes, and `rslock` on one and three nodes.
+//! - `lock/contended`: 16 tasks take turns on one name, 4 times each (64 lock-unlock
+//!   cycles per iteration): battlement woken by release notifications, battlement polling
+//!   only (its default backoff, 5 ms to 250 ms, jittered), and `rslock`'s `acquire`
+//!   (retries with a random delay of up to 200 ms, its default).
+//!
+//! Run with `cargo bench --features full --bench lock`.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use battlement::lock::LockManager;
+use battlement::redis::{RedisConfig, RedisStore};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use support::RedisServer;
+
+const TASKS: usize = 16;
+const ROUNDS: usize = 4;
+
+async fn store(server: &RedisServer) -> RedisStore {
+    RedisStore::connect(RedisConfig::single(server.url()).timeout(Duration::from_secs(1)))
+        .await
+        .expect("connect to the bench's redis-server")
+}
+
+async fn contended_battlement(locks: &LockManager) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..TASKS {
+        let locks = locks.clone();
+        tasks.spawn(async move {
+            for _ in 0..ROUNDS {
+                let guard = locks
+                    .acquire("contended", Duration::from_secs(60))
+                    .await
+                    .expect("acquired within a minute");
+                guard.release().await.expect("released");
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+}
+
+async fn contended_rslock(locks: &Arc<rslock::LockManager>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..TASKS {
+        let locks = locks.clone();
+        tasks.spawn(async move {
+            for _ in 0..ROUNDS {
+                let lock = locks
+                    .acquire_no_guard("contended".as_bytes(), Duration::from_secs(10))
+                    .await
+                    .expect("rslock acquired");
+                locks.unlock(&lock).await;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (memory, single, redlock, polling) = rt.block_on(async {
+        let mut stores = Vec::new();
+        for s in &servers {
+            stores.push(store(s).await);
+        }
+        (
+            LockManager::memory(),
+            LockManager::redis(stores[0].clone()),
+            LockManager::redlock(stores.clone()).unwrap(),
+            LockManager::builder()
+                .notifications(false)
+                .redis(stores[0].clone()),
+        )
+    });
+    let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
+    let rs_single = Arc::new(rslock::LockManager::new(vec![urls[0].clone()]));
+    let rs_three = Arc::new(rslock::LockManager::new(urls.clone()));
+
+    let mut group = c.benchmark_group("lock/uncontended");
+    for (name, locks) in [
+        ("battlement_memory", &memory),
+        ("battlement_redis", &single),
+        ("battlement_redlock3", &redlock),
+    ] {
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| async {
+                let guard = locks
+                    .acquire("free", Duration::from_secs(1))
+                    .await
+                    .expect("free lock");
+                guard.release().await.expect("released");
+            })
+        });
+    }
+    for (name, locks) in [("rslock_redis", &rs_single), ("rslock_redlock3", &rs_three)] {
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| async {
+                let lock = locks
+                    .lock("free".as_bytes(), Duration::from_secs(10))
+                    .await
+                    .expect("free lock");
+                locks.unlock(&lock).await;
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("lock/contended");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(20));
+    group.throughput(Throughput::Elements((TASKS * ROUNDS) as u64));
+    group.bench_function("battlement_redis_notified", |b| {
+        b.to_async(&rt).iter(|| contended_battlement(&single))
+    });
+    group.bench_function("battlement_redis_polling", |b| {
+        b.to_async(&rt).iter(|| contended_battlement(&polling))
+    });
+    group.bench_function("rslock_redis", |b| {
+        b.to_async(&rt).iter(|| contended_rslock(&rs_single))
+    });
+    group.finish();
+
+    // One fixed pass of each, printed as cycles per second for the README.
+    for (name, run) in [
+        ("battlement notified", 0),
+        ("battlement polling", 1),
+        ("rslock", 2),
+    ] {
+        let started = Instant::now();
+        rt.block_on(async {
+            match run {
+                0 => contended_battlement(&single).await,
+                1 => contended_battlement(&polling).await,
+                _ => contended_rslock(&rs_single).await,
+            }
+        });
+        let per_s = (TASKS * ROUNDS) as f64 / started.elapsed().as_secs_f64();
+        println!("contended 16 tasks, one name, {name}: {per_s:.0} lock-unlock cycles/s");
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
