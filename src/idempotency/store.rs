@@ -89,6 +89,15 @@ impl OwnerToken {
     pub fn as_bytes(&self) -> &[u8; 16] {
         &self.0
     }
+
+    /// A fresh token from the operating system's random generator.
+    pub(crate) fn generate() -> Result<Self, StoreError> {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes).map_err(|e| {
+            StoreError::Unreachable(format!("no randomness for an owner token: {e}"))
+        })?;
+        Ok(Self(bytes))
+    }
 }
 
 impl fmt::Debug for OwnerToken {
