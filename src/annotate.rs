@@ -122,7 +122,12 @@ impl Record {
             || self.idempotency.as_ref().is_some_and(|i| {
                 matches!(
                     i.outcome,
-                    IdempotencyOutcome::Conflict | IdempotencyOutcome::InFlight
+                    IdempotencyOutcome::Conflict
+                        | IdempotencyOutcome::InFlight
+                        | IdempotencyOutcome::Missing
+                        | IdempotencyOutcome::Invalid
+                        | IdempotencyOutcome::TooLarge
+                        | IdempotencyOutcome::Unavailable
                 )
             })
     }
@@ -284,6 +289,20 @@ pub enum IdempotencyOutcome {
     Conflict,
     /// A request with the same key is still running: refused.
     InFlight,
+    /// The route requires a key and the request had none: refused.
+    Missing,
+    /// The key was malformed (or given twice): refused.
+    Invalid,
+    /// The body of a keyed request was over the layer's cap: refused.
+    TooLarge,
+    /// The request ran, but its response was not stored (a server error, too large, an
+    /// event stream, a body that failed or was dropped): its key was released.
+    NotStored,
+    /// The store could not be reached and the layer fails closed: refused.
+    Unavailable,
+    /// The store could not be reached and the layer fails open: the request ran without
+    /// idempotency.
+    FailOpen,
 }
 
 impl IdempotencyOutcome {
@@ -294,6 +313,12 @@ impl IdempotencyOutcome {
             IdempotencyOutcome::Replayed => "replayed",
             IdempotencyOutcome::Conflict => "conflict",
             IdempotencyOutcome::InFlight => "in_flight",
+            IdempotencyOutcome::Missing => "missing",
+            IdempotencyOutcome::Invalid => "invalid",
+            IdempotencyOutcome::TooLarge => "too_large",
+            IdempotencyOutcome::NotStored => "not_stored",
+            IdempotencyOutcome::Unavailable => "unavailable",
+            IdempotencyOutcome::FailOpen => "fail_open",
         }
     }
 }

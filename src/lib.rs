@@ -63,7 +63,9 @@
 //! algorithm), `cache.rs` (verified tokens) and `revoke.rs`; `validate` adds `params.rs`
 //! (query and header coercion); `cache` keeps its rules in `policy.rs`, its keys in
 //! `key.rs`, its capturing body in `body.rs` and its stores in `store/` (memory, Redis,
-//! tiered). Shared state is built
+//! tiered); `idempotency` adds `body.rs` (its capturing body and the claim's lease),
+//! `record.rs` (the stored response's binary frame) and `store.rs` (its store trait and
+//! memory store). Shared state is built
 //! when the layer is built and lives in an `Arc`, so cloning a layer, or axum calling
 //! `Layer::layer` once per route, shares it.
 //!

@@ -17,7 +17,7 @@
 //! | `battlement.validation.failures` | counter | `mode` (`enforced`, `report_only`) |
 //! | `battlement.lock.waits` | counter | `outcome` (`acquired`, `timed_out`, `unavailable`, `lost`) |
 //! | `battlement.lock.wait.duration` | histogram, seconds | `outcome` |
-//! | `battlement.idempotency.requests` | counter | `outcome` (`stored`, `replayed`, `conflict`, `in_flight`) |
+//! | `battlement.idempotency.requests` | counter | `outcome` (`stored`, `replayed`, `conflict`, `in_flight`, `missing`, `invalid`, `too_large`, `not_stored`, `unavailable`, `fail_open`) |
 //!
 //! ```
 //! use battlement::metrics::REQUEST_DURATION;

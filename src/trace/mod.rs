@@ -35,7 +35,7 @@
 //! | `enduser.id`, `auth.failure` | the authenticated subject, or why authentication failed |
 //! | `validation.error_count`, `validation.first_pointer` | what validation found |
 //! | `lock.wait_ms`, `lock.outcome` | the distributed lock |
-//! | `idempotency.outcome` | `stored`, `replayed`, `conflict`, `in_flight` |
+//! | `idempotency.outcome` | `stored`, `replayed`, `conflict`, `in_flight`, `missing`, `invalid`, `too_large`, `not_stored`, `unavailable`, `fail_open` |
 //!
 //! Levels: 5xx, gRPC server errors, errored bodies and panics at `ERROR`; requests slower than
 //! the slow threshold at `WARN`; the rest (4xx included: a client error is not a server

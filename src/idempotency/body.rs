@@ -1,0 +1,296 @@
+//! The first response for a key on its way to the client, captured on the side, and the
+//! lease that completes or releases the key whatever happens to it.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker, ready};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use super::layer::Shared;
+use super::record::StoredResponse;
+use super::store::{BoxFuture, OwnerToken, Scope};
+use crate::annotate::{Annotation, IdempotencyNote, IdempotencyOutcome};
+use crate::body::ResponseBody;
+
+/// Runs a store call to its end without holding up the response: a store that answers at
+/// once (memory) is done before this returns; a remote one finishes in a task of its own,
+/// so a client that goes away cannot cut it short.
+pub(crate) fn detach(mut call: BoxFuture<'static, ()>) {
+    if call
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+        .is_ready()
+    {
+        return;
+    }
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(call);
+    }
+}
+
+/// The claim a running request holds. Dropped without [`Lease::complete`] (the response
+/// was not stored, the client went away, the inner service failed), it releases the key,
+/// so that a retry runs the request again at once instead of waiting out the lease.
+pub(crate) struct Lease {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) scope: Scope,
+    pub(crate) owner: OwnerToken,
+    pub(crate) annotation: Option<Annotation>,
+    pub(crate) done: bool,
+}
+
+impl Lease {
+    pub(crate) fn note(&self, outcome: IdempotencyOutcome) {
+        note(self.annotation.as_ref(), outcome);
+    }
+
+    /// Stores `response` as the key's outcome, if the claim is still ours (the store
+    /// fences the write).
+    fn complete(mut self, response: StoredResponse) {
+        self.done = true;
+        let shared = self.shared.clone();
+        let (scope, owner) = (self.scope, self.owner);
+        let annotation = self.annotation.take();
+        detach(Box::pin(async move {
+            let store = &shared.store;
+            match store
+                .complete(&scope, &owner, &response, shared.retention)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(
+                        "battlement::idempotency: a response was not stored: its claim expired \
+                         (in_flight_ttl) and the key was claimed again, or it was released"
+                    );
+                    note(annotation.as_ref(), IdempotencyOutcome::NotStored);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "battlement::idempotency: a response could not be stored");
+                    note(annotation.as_ref(), IdempotencyOutcome::NotStored);
+                    // Free the key now rather than when the lease runs out.
+                    let _ = store.release(&scope, &owner).await;
+                }
+            }
+        }));
+    }
+}
+
+fn note(annotation: Option<&Annotation>, outcome: IdempotencyOutcome) {
+    if let Some(annotation) = annotation {
+        annotation.update(|r| r.idempotency = Some(IdempotencyNote::new(outcome)));
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let shared = self.shared.clone();
+        let (scope, owner) = (self.scope, self.owner);
+        detach(Box::pin(async move {
+            if let Err(error) = shared.store.release(&scope, &owner).await {
+                tracing::debug!(%error, "battlement::idempotency: a key could not be released; it frees itself when its lease ends");
+            }
+        }));
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What is needed to store the response once its body has ended. Dropped before that (an
+/// error, the cap, the client gone), it notes that nothing was stored, and its lease
+/// releases the key.
+pub(crate) struct Capture {
+    lease: Option<Box<Lease>>,
+    status: StatusCode,
+    headers: HeaderMap,
+    buf: BytesMut,
+    max: usize,
+}
+
+impl Capture {
+    fn finish(mut self, trailers: Option<HeaderMap>) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let body = std::mem::take(&mut self.buf).freeze();
+        let headers = std::mem::take(&mut self.headers);
+        let response = StoredResponse::new(self.status, headers, body).with_trailers(trailers);
+        lease.complete(response);
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.note(IdempotencyOutcome::NotStored);
+        }
+    }
+}
+
+pin_project! {
+    /// The response body of the idempotency layer: the inner service's body, streamed to
+    /// the client as it comes. For the first request with a key it is also copied (up to
+    /// the layer's cap) and stored when it ends; past the cap, on an error, or when the
+    /// client drops it early, the copy is abandoned and the key released.
+    pub struct IdempotencyBody<B> {
+        #[pin]
+        inner: B,
+        capture: Option<Box<Capture>>,
+    }
+}
+
+impl<B> IdempotencyBody<B> {
+    pub(crate) fn pass(inner: B) -> Self {
+        Self {
+            inner,
+            capture: None,
+        }
+    }
+}
+
+impl<B> fmt::Debug for IdempotencyBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyBody")
+            .field("capturing", &self.capture.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for IdempotencyBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        let polled = ready!(this.inner.as_mut().poll_frame(cx));
+        if this.capture.is_none() {
+            return Poll::Ready(polled);
+        }
+        match &polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let over = this
+                        .capture
+                        .as_ref()
+                        .is_some_and(|c| c.buf.len() + data.len() > c.max);
+                    if over {
+                        // Too big to keep: stop copying; the client still gets every byte.
+                        this.capture.take();
+                    } else if let Some(c) = this.capture.as_mut() {
+                        c.buf.extend_from_slice(data);
+                    }
+                    // A body that says it has ended may never be polled again.
+                    if this.inner.is_end_stream()
+                        && let Some(c) = this.capture.take()
+                    {
+                        c.finish(None);
+                    }
+                } else if let Some(trailers) = frame.trailers_ref()
+                    && let Some(c) = this.capture.take()
+                {
+                    c.finish(Some(trailers.clone()));
+                }
+            }
+            // An error: nothing complete to keep.
+            Some(Err(_)) => {
+                this.capture.take();
+            }
+            None => {
+                if let Some(c) = this.capture.take() {
+                    c.finish(None);
+                }
+            }
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response a request that holds a claim got from the inner service: passed on, and
+/// either captured to be stored or, when it must not be stored, with its key released.
+pub(crate) fn first_response<B>(
+    response: Response<B>,
+    lease: Box<Lease>,
+) -> Response<ResponseBody<IdempotencyBody<B>>>
+where
+    B: Body<Data = Bytes>,
+{
+    let shared = &*lease.shared;
+    let status = response.status();
+    let headers = response.headers();
+    let max = shared.max_response_body;
+    // An event stream may never end: passed through, never captured.
+    let streaming = headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_big = declared.is_some_and(|n| n > max as u64)
+        || response.body().size_hint().lower() > max as u64;
+    // A server error, or "too many requests", says nothing about what the request does:
+    // a retry must run it again.
+    let transient = (status.is_server_error() && !shared.store_server_errors)
+        || status == StatusCode::TOO_MANY_REQUESTS;
+    if transient || streaming || too_big || status.is_informational() {
+        lease.note(IdempotencyOutcome::NotStored);
+        drop(lease);
+        return response.map(|body| ResponseBody::inner(IdempotencyBody::pass(body)));
+    }
+    let mut stored = HeaderMap::with_capacity(shared.stored_headers.len());
+    for name in &shared.stored_headers {
+        for value in headers.get_all(name) {
+            stored.append(name.clone(), value.clone());
+        }
+    }
+    lease.note(IdempotencyOutcome::Stored);
+    let (parts, body) = response.into_parts();
+    let capture = Box::new(Capture {
+        lease: Some(lease),
+        status,
+        headers: stored,
+        buf: BytesMut::new(),
+        max,
+    });
+    if body.is_end_stream() {
+        // An empty body may never be polled: store it now.
+        capture.finish(None);
+        return Response::from_parts(parts, ResponseBody::inner(IdempotencyBody::pass(body)));
+    }
+    Response::from_parts(
+        parts,
+        ResponseBody::inner(IdempotencyBody {
+            inner: body,
+            capture: Some(capture),
+        }),
+    )
+}

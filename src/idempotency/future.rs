@@ -1,0 +1,385 @@
+//! The [`ResponseFuture`] of the [`super::Idempotency`] service.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http::header::HeaderValue;
+use http::request::Parts;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::FailurePolicy;
+use super::IDEMPOTENT_REPLAYED;
+use super::body::{IdempotencyBody, Lease, detach, first_response};
+use super::layer::Shared;
+use super::record::StoredResponse;
+use super::service::{fingerprint, note, refusal};
+use super::store::{BoxFuture, Claim, OwnerToken, Scope, StoreError};
+use crate::annotate::{Annotation, IdempotencyOutcome};
+use crate::body::ResponseBody;
+use crate::key::RequestHead;
+use crate::reject::Rejection;
+
+/// A response the layer answers with itself (a refusal or a replay).
+pub(crate) struct Buffered {
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+fn buffered(response: Response<Bytes>) -> Box<Response<Buffered>> {
+    Box::new(response.map(|data| Buffered {
+        data,
+        trailers: None,
+    }))
+}
+
+/// A stored response, answered again with `Idempotent-Replayed: true`.
+fn replay(stored: StoredResponse) -> Box<Response<Buffered>> {
+    let (status, mut headers, data, trailers) = stored.into_parts();
+    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    let mut response = Response::new(Buffered { data, trailers });
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Box::new(response)
+}
+
+/// Everything a keyed request carries from reading its body to calling the inner service.
+pub(crate) struct Keyed<S> {
+    shared: Arc<Shared>,
+    parts: Option<Parts>,
+    // A body that arrives in one frame (the usual case) is kept as it is, not copied.
+    first: Option<Bytes>,
+    buf: BytesMut,
+    capacity: usize,
+    body: Option<Bytes>,
+    service: Option<S>,
+    scope: Scope,
+    owner: Option<OwnerToken>,
+    /// A claim was sent and its answer not yet seen: if the request goes away now, the
+    /// claim may have been made, and is released (a no-op when it was not).
+    claim_pending: bool,
+}
+
+impl<S> Drop for Keyed<S> {
+    fn drop(&mut self) {
+        if let (true, Some(owner)) = (self.claim_pending, self.owner) {
+            let shared = self.shared.clone();
+            let scope = self.scope;
+            detach(Box::pin(async move {
+                let _ = shared.store.release(&scope, &owner).await;
+            }));
+        }
+    }
+}
+
+impl<S> Keyed<S> {
+    fn parts(&self) -> &Parts {
+        self.parts
+            .as_ref()
+            .expect("ResponseFuture polled after completion")
+    }
+
+    fn refuse(&self, outcome: IdempotencyOutcome) -> Box<Response<Buffered>> {
+        let head = RequestHead::of_parts(self.parts());
+        buffered(refusal(&head, outcome, self.shared.max_request_body))
+    }
+
+    /// The request as it came, its body rebuilt from the bytes read.
+    fn request<B: From<Bytes>>(&mut self) -> Request<B> {
+        let parts = self
+            .parts
+            .take()
+            .expect("ResponseFuture polled after completion");
+        Request::from_parts(parts, B::from(self.body.take().unwrap_or_default()))
+    }
+
+    /// The store could not answer: refuse (`Closed`), or run the request unprotected
+    /// (`Open`).
+    fn store_failed<ReqBody>(&mut self, error: &StoreError) -> State<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+        ReqBody: From<Bytes>,
+    {
+        match self.shared.failure {
+            FailurePolicy::Closed => {
+                tracing::debug!(%error, "battlement::idempotency: store unavailable; refusing");
+                State::Ready {
+                    response: Some(self.refuse(IdempotencyOutcome::Unavailable)),
+                }
+            }
+            FailurePolicy::Open => {
+                tracing::warn!(%error, "battlement::idempotency: store unavailable; running the request without idempotency");
+                note(&self.parts().extensions, IdempotencyOutcome::FailOpen);
+                let req = self.request::<ReqBody>();
+                let mut service = self
+                    .service
+                    .take()
+                    .expect("ResponseFuture polled after completion");
+                State::Pass {
+                    future: service.call(req),
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`super::Idempotency`].
+    pub struct ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        #[pin]
+        state: State<S, ReqBody>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        // No key (or not a method the layer applies to): the inner future, untouched.
+        Pass { #[pin] future: S::Future },
+        Collecting { #[pin] body: ReqBody, keyed: Option<Box<Keyed<S>>> },
+        Claiming {
+            claim: BoxFuture<'static, Result<Claim, StoreError>>,
+            keyed: Option<Box<Keyed<S>>>,
+        },
+        // The key is ours: the inner future, and the lease that completes or releases it.
+        Running { #[pin] future: S::Future, lease: Option<Box<Lease>> },
+        Ready { response: Option<Box<Response<Buffered>>> },
+    }
+}
+
+impl<S, ReqBody> fmt::Debug for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody> ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    #[inline]
+    pub(crate) fn pass(future: S::Future) -> Self {
+        Self {
+            state: State::Pass { future },
+        }
+    }
+
+    pub(crate) fn refused(response: Response<Bytes>) -> Self {
+        Self {
+            state: State::Ready {
+                response: Some(buffered(response)),
+            },
+        }
+    }
+
+    pub(crate) fn keyed(
+        req: Request<ReqBody>,
+        service: S,
+        shared: Arc<Shared>,
+        scope: Scope,
+        declared: Option<u64>,
+    ) -> Self {
+        let (parts, body) = req.into_parts();
+        let capacity = declared
+            .map_or(8 * 1024, |n| n as usize)
+            .min(shared.max_request_body);
+        Self {
+            state: State::Collecting {
+                body,
+                keyed: Some(Box::new(Keyed {
+                    shared,
+                    parts: Some(parts),
+                    first: None,
+                    buf: BytesMut::new(),
+                    capacity,
+                    body: None,
+                    service: Some(service),
+                    scope,
+                    owner: None,
+                    claim_pending: false,
+                })),
+            },
+        }
+    }
+}
+
+/// Reads the request body into `keyed`, up to the cap. `Some(refusal)` when it cannot.
+fn collect<S, B>(
+    mut body: Pin<&mut B>,
+    keyed: &mut Keyed<S>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Box<Response<Buffered>>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: fmt::Display,
+{
+    let max = keyed.shared.max_request_body;
+    loop {
+        match ready!(body.as_mut().poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                let so_far = keyed.first.as_ref().map_or(0, Bytes::len) + keyed.buf.len();
+                if so_far + data.len() > max {
+                    return Poll::Ready(Some(keyed.refuse(IdempotencyOutcome::TooLarge)));
+                }
+                if so_far == 0 {
+                    keyed.first = Some(data);
+                } else {
+                    if let Some(first) = keyed.first.take() {
+                        keyed.buf.reserve(keyed.capacity.max(so_far + data.len()));
+                        keyed.buf.extend_from_slice(&first);
+                    }
+                    keyed.buf.extend_from_slice(&data);
+                }
+            }
+            Some(Err(error)) => {
+                let head = RequestHead::of_parts(keyed.parts());
+                let response = Rejection::new(StatusCode::BAD_REQUEST, "Bad Request")
+                    .with_detail(format!("The body could not be read: {error}."))
+                    .render(&head);
+                return Poll::Ready(Some(buffered(response)));
+            }
+            None => {
+                keyed.body = Some(match keyed.first.take() {
+                    Some(first) => first,
+                    None => std::mem::take(&mut keyed.buf).freeze(),
+                });
+                return Poll::Ready(None);
+            }
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: Body<Data = Bytes> + From<Bytes>,
+    ReqBody::Error: fmt::Display,
+    ResBody: Body<Data = Bytes>,
+{
+    type Output = Result<Response<ResponseBody<IdempotencyBody<ResBody>>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let next = match this.state.as_mut().project() {
+                StateProj::Pass { future } => {
+                    return future.poll(cx).map_ok(|response| {
+                        response.map(|body| ResponseBody::inner(IdempotencyBody::pass(body)))
+                    });
+                }
+                StateProj::Collecting { body, keyed } => {
+                    let k = keyed
+                        .as_mut()
+                        .expect("ResponseFuture polled after completion");
+                    match ready!(collect(body, k, cx)) {
+                        Some(response) => State::Ready {
+                            response: Some(response),
+                        },
+                        None => {
+                            let mut k = keyed
+                                .take()
+                                .expect("ResponseFuture polled after completion");
+                            let fp = fingerprint(
+                                &k.shared,
+                                k.parts(),
+                                k.body.as_deref().unwrap_or_default(),
+                            );
+                            match OwnerToken::generate() {
+                                Ok(owner) => {
+                                    k.owner = Some(owner);
+                                    k.claim_pending = true;
+                                    let store = k.shared.store.clone();
+                                    let (scope, lease) = (k.scope, k.shared.in_flight_ttl);
+                                    State::Claiming {
+                                        claim: Box::pin(async move {
+                                            store.claim(&scope, &fp, &owner, lease).await
+                                        }),
+                                        keyed: Some(k),
+                                    }
+                                }
+                                Err(error) => k.store_failed(&error),
+                            }
+                        }
+                    }
+                }
+                StateProj::Claiming { claim, keyed } => {
+                    let result = ready!(claim.as_mut().poll(cx));
+                    let mut k = keyed
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    k.claim_pending = false;
+                    match result {
+                        Ok(Claim::Acquired) => {
+                            let annotation = Annotation::of(&k.parts().extensions).cloned();
+                            let lease = Box::new(Lease {
+                                shared: k.shared.clone(),
+                                scope: k.scope,
+                                owner: k.owner.expect("an owner token for every claim"),
+                                annotation,
+                                done: false,
+                            });
+                            let req = k.request::<ReqBody>();
+                            let mut service = k
+                                .service
+                                .take()
+                                .expect("ResponseFuture polled after completion");
+                            State::Running {
+                                future: service.call(req),
+                                lease: Some(lease),
+                            }
+                        }
+                        Ok(Claim::InFlight) => State::Ready {
+                            response: Some(k.refuse(IdempotencyOutcome::InFlight)),
+                        },
+                        Ok(Claim::Mismatch) => State::Ready {
+                            response: Some(k.refuse(IdempotencyOutcome::Conflict)),
+                        },
+                        Ok(Claim::Completed(stored)) => {
+                            note(&k.parts().extensions, IdempotencyOutcome::Replayed);
+                            State::Ready {
+                                response: Some(replay(stored)),
+                            }
+                        }
+                        Err(error) => k.store_failed(&error),
+                    }
+                }
+                StateProj::Running { future, lease } => {
+                    let result = ready!(future.poll(cx));
+                    // On an error the lease is dropped here, which releases the key.
+                    let lease = lease
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    return Poll::Ready(result.map(|response| first_response(response, lease)));
+                }
+                StateProj::Ready { response } => {
+                    let response = response
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Ok((*response).map(|b| match b.trailers {
+                        Some(trailers) => ResponseBody::with_trailers(b.data, trailers),
+                        None => ResponseBody::full(b.data),
+                    })));
+                }
+            };
+            this.state.set(next);
+        }
+    }
+}
