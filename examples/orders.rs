@@ -35,6 +35,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use battlement::auth::{AuthLayer, Issuer, JwtValidator, RequireScopes};
 use battlement::cache::CacheLayer;
+use battlement::idempotency::IdempotencyLayer;
 use battlement::key::{ClientIp, RequestHead};
 use battlement::lock::{HeldLock, LockLayer, LockManager};
 use battlement::principal::Principal;
@@ -268,6 +269,9 @@ async fn main() {
             "/orders",
             post(create_order)
                 .layer::<_, std::convert::Infallible>(order_validation())
+                // A retried POST with the same `Idempotency-Key` places one order; the
+                // retry gets the first 201 again (scoped to the token's subject).
+                .layer::<_, std::convert::Infallible>(backend.idempotency())
                 .layer(RequireScopes::all(["orders:write"]).realm("orders-api")),
         ),
         per_subject,
@@ -422,6 +426,17 @@ impl Backend {
         Self {
             name: "memory".into(),
         }
+    }
+
+    /// `Idempotency-Key` records (24 h), on this backend.
+    fn idempotency(&self) -> IdempotencyLayer {
+        let builder = IdempotencyLayer::builder();
+        #[cfg(feature = "redis")]
+        let builder = match &self.redis {
+            Some(store) => builder.redis(store.clone()),
+            None => builder,
+        };
+        builder.build().expect("valid idempotency configuration")
     }
 
     /// The distributed locks, on this backend.
