@@ -1,9 +1,10 @@
 //! Lock latency and contended throughput, side by side with `rslock`, on `redis-server`s
 //! the bench starts itself (free loopback ports, no persistence).
 //!
-//! - `lock/uncontended`: one acquire + release of a free lock: memory, one Redis, Redlock
-//!   over three nodes, and `rslock` on one and three nodes.
-//! - `lock/contended`: 16 tasks take turns on one name, 4 times each (64 lock-unlock
+//! - `lock/uncontended`: one acquire + release of a free lock, on a current-thread runtime
+//!   (no cross-thread wakeups in the measurement): memory, one Redis, Redlock over three
+//!   nodes, and `rslock` on one and three nodes.
+//! - `lock/contended` (on a 2-worker runtime): 16 tasks take turns on one name, 4 times each (64 lock-unlock
 //!   cycles per iteration): battlement woken by release notifications, battlement polling
 //!   only (its default backoff, 5 ms to 250 ms, jittered), and `rslock`'s `acquire`
 //!   (retries with a random delay of up to 200 ms, its default).
@@ -75,7 +76,22 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let (memory, single, redlock, polling) = rt.block_on(async {
+    let (single_mt, polling) = rt.block_on(async {
+        let store = store(&servers[0]).await;
+        (
+            LockManager::redis(store.clone()),
+            LockManager::builder().notifications(false).redis(store),
+        )
+    });
+    let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
+    let rs_single = Arc::new(rslock::LockManager::new(vec![urls[0].clone()]));
+
+    // Latency on one thread: no cross-thread wakeups in the measurement.
+    let local = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (memory, single, redlock) = local.block_on(async {
         let mut stores = Vec::new();
         for s in &servers {
             stores.push(store(s).await);
@@ -83,16 +99,13 @@ fn bench(c: &mut Criterion) {
         (
             LockManager::memory(),
             LockManager::redis(stores[0].clone()),
-            LockManager::redlock(stores.clone()).unwrap(),
-            LockManager::builder()
-                .notifications(false)
-                .redis(stores[0].clone()),
+            LockManager::redlock(stores).unwrap(),
         )
     });
-    let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
-    let rs_single = Arc::new(rslock::LockManager::new(vec![urls[0].clone()]));
-    let rs_three = Arc::new(rslock::LockManager::new(urls.clone()));
-
+    let (rs_single_local, rs_three_local) = (
+        rslock::LockManager::new(vec![urls[0].clone()]),
+        rslock::LockManager::new(urls.clone()),
+    );
     let mut group = c.benchmark_group("lock/uncontended");
     for (name, locks) in [
         ("battlement_memory", &memory),
@@ -100,7 +113,7 @@ fn bench(c: &mut Criterion) {
         ("battlement_redlock3", &redlock),
     ] {
         group.bench_function(name, |b| {
-            b.to_async(&rt).iter(|| async {
+            b.to_async(&local).iter(|| async {
                 let guard = locks
                     .acquire("free", Duration::from_secs(1))
                     .await
@@ -109,9 +122,12 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
-    for (name, locks) in [("rslock_redis", &rs_single), ("rslock_redlock3", &rs_three)] {
+    for (name, locks) in [
+        ("rslock_redis", &rs_single_local),
+        ("rslock_redlock3", &rs_three_local),
+    ] {
         group.bench_function(name, |b| {
-            b.to_async(&rt).iter(|| async {
+            b.to_async(&local).iter(|| async {
                 let lock = locks
                     .lock("free".as_bytes(), Duration::from_secs(10))
                     .await
@@ -127,7 +143,7 @@ fn bench(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(20));
     group.throughput(Throughput::Elements((TASKS * ROUNDS) as u64));
     group.bench_function("battlement_redis_notified", |b| {
-        b.to_async(&rt).iter(|| contended_battlement(&single))
+        b.to_async(&rt).iter(|| contended_battlement(&single_mt))
     });
     group.bench_function("battlement_redis_polling", |b| {
         b.to_async(&rt).iter(|| contended_battlement(&polling))
@@ -146,7 +162,7 @@ fn bench(c: &mut Criterion) {
         let started = Instant::now();
         rt.block_on(async {
             match run {
-                0 => contended_battlement(&single).await,
+                0 => contended_battlement(&single_mt).await,
                 1 => contended_battlement(&polling).await,
                 _ => contended_rslock(&rs_single).await,
             }

@@ -65,8 +65,10 @@
 //! `key.rs`, its capturing body in `body.rs` and its stores in `store/` (memory, Redis,
 //! tiered); `idempotency` adds `body.rs` (its capturing body and the claim's lease),
 //! `record.rs` (the stored response's binary frame) and `store.rs` (its store trait and
-//! memory store). Shared state is built
-//! when the layer is built and lives in an `Arc`, so cloning a layer, or axum calling
+//! memory store); `lock` is a lock API first, with its layer beside it: `client.rs` (the
+//! manager), `guard.rs` (the guard), `fence.rs` (fencing tokens), `backend.rs` (the backend
+//! trait), `watchdog.rs` (lease extension) and `body.rs` (holds the lock until the response
+//! body ends). Shared state is built when the layer is built and lives in an `Arc`, so cloning a layer, or axum calling
 //! `Layer::layer` once per route, shares it.
 //!
 //! ## Features

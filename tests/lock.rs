@@ -436,3 +436,42 @@ async fn memory_watchdog_and_ttl_on_paused_time() {
         .expect("without a watchdog the lease ends at its TTL");
     assert!(no_watchdog.try_acquire("m2").await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn redlock_raises_lagging_counters_to_the_token_it_hands_out() {
+    let servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let mut stores = Vec::new();
+    for s in &servers {
+        stores.push(store(s).await);
+    }
+    let locks = LockManager::redlock(stores).unwrap();
+    // Node 0 once minted far more than the others (a clock ahead, say).
+    let ahead = "8000000000000000";
+    servers[0].command(&["HSET", "battlement:lockfence:{raise}", "c", ahead, "e", "1"]);
+    let guard = locks
+        .acquire("raise", Duration::from_secs(1))
+        .await
+        .unwrap();
+    let token = guard.fencing_token().value();
+    assert_eq!(token, 8_000_000_000_000_001, "the largest of the quorum");
+    // The quorum that granted it (2 of 3) is at the token now; a node that answered after
+    // the quorum may lag, but every later quorum includes one of the raised nodes.
+    let raised = servers
+        .iter()
+        .filter(|s| {
+            let c: u64 = s
+                .command(&["HGET", "battlement:lockfence:{raise}", "c"])
+                .parse()
+                .unwrap();
+            c >= token
+        })
+        .count();
+    assert!(raised >= 2, "only {raised} nodes raised to {token}");
+    guard.release().await.unwrap();
+    // Any later quorum (it shares a node with this one) mints more.
+    let next = locks
+        .acquire("raise", Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(next.fencing_token().value() > token);
+}

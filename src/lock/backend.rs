@@ -83,7 +83,9 @@ pub enum Attempt {
 /// A lock backend: memory, one Redis node, or Redlock over several. The
 /// [`LockManager`](super::LockManager) drives it; applications rarely call it directly.
 ///
-/// Every call is one atomic step on the backend. Implementations must make `acquire` mint a
+/// Every call is one atomic step on the backend, and must end in bounded time (the Redis
+/// backends use their store's per-call timeout): the manager adds no timeouts of its own,
+/// so that an uncontended lock costs no timer. Implementations must make `acquire` mint a
 /// fencing token in the same step that grants the lock, and `release` / `extend` act only
 /// when the lock is still held by `owner`.
 pub trait LockBackend: Send + Sync + 'static {

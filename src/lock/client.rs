@@ -11,6 +11,7 @@ use super::LockError;
 use super::backend::{Attempt, LockBackend, OwnerToken, Subscription};
 use super::guard::{Lease, LockGuard, release_in_background};
 use super::memory::MemoryLockBackend;
+use super::watchdog::{Ticket, Watchdog};
 
 /// Default lease: how long a lock outlives a holder that died without releasing it.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
@@ -27,7 +28,6 @@ pub(crate) struct Config {
     pub(crate) notifications: bool,
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
-    pub(crate) release_timeout: Duration,
 }
 
 impl Default for Config {
@@ -39,7 +39,6 @@ impl Default for Config {
             notifications: true,
             backoff_min: Duration::from_millis(5),
             backoff_max: Duration::from_millis(250),
-            release_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -47,6 +46,7 @@ impl Default for Config {
 pub(crate) struct Shared {
     pub(crate) backend: Arc<dyn LockBackend>,
     pub(crate) config: Config,
+    pub(crate) watchdog: Watchdog,
 }
 
 /// Takes and releases named locks on one backend. Cheap to clone; clones share the backend.
@@ -125,19 +125,13 @@ impl LockManagerBuilder {
         self
     }
 
-    /// The time budget of a release (1 s by default); a release that takes longer is
-    /// given up and the lease runs out.
-    pub fn release_timeout(mut self, timeout: Duration) -> Self {
-        self.config.release_timeout = timeout;
-        self
-    }
-
     /// A manager over `backend`.
     pub fn backend(self, backend: impl LockBackend) -> LockManager {
         LockManager {
             shared: Arc::new(Shared {
                 backend: Arc::new(backend),
                 config: self.config,
+                watchdog: Watchdog::new(),
             }),
         }
     }
@@ -256,6 +250,7 @@ impl LockManager {
                             acquired_at: now,
                             waited: now - started,
                             attempts,
+                            ticket: Ticket::new(),
                         };
                         return Ok(Some(LockGuard::new(shared.clone(), lease, owner)));
                     }
@@ -340,56 +335,6 @@ pub(crate) fn validate_name(name: &str) -> Result<(), LockError> {
         return Err(LockError::InvalidName);
     }
     Ok(())
-}
-
-/// The watchdog of one lease: extends it every third of the TTL while the guard lives and
-/// the hold cap allows; marks the lease lost when an extension is refused, or when the
-/// lease runs out without one.
-pub(crate) async fn watchdog(shared: Arc<Shared>, lease: Arc<Lease>, owner: OwnerToken) {
-    let config = &shared.config;
-    let ttl = config.ttl;
-    let hold_until = lease.acquired_at + config.max_hold;
-    let mut next = lease.acquired_at + ttl / 3;
-    loop {
-        let deadline = *lease
-            .deadline
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !config.watchdog || next >= hold_until {
-            tokio::time::sleep_until(deadline).await;
-            lease.mark_lost();
-            return;
-        }
-        tokio::time::sleep_until(next.min(deadline)).await;
-        if Instant::now() >= deadline {
-            lease.mark_lost();
-            return;
-        }
-        let started = Instant::now();
-        let result =
-            tokio::time::timeout(ttl / 3, shared.backend.extend(&lease.name, owner, ttl)).await;
-        match result {
-            Ok(Ok(Some(validity))) => {
-                lease.set_deadline(started + validity);
-                next = started + ttl / 3;
-            }
-            Ok(Ok(None)) => {
-                tracing::warn!(lock = %lease.name, "battlement: lock lost (the lease had run out or was taken)");
-                lease.mark_lost();
-                return;
-            }
-            Ok(Err(_)) | Err(_) => {
-                // The backend is slow or down: retry soon, until the lease runs out.
-                next = Instant::now() + (ttl / 10).max(Duration::from_millis(5));
-                if next >= deadline {
-                    tokio::time::sleep_until(deadline).await;
-                    tracing::warn!(lock = %lease.name, "battlement: lock lost (could not extend the lease before it ran out)");
-                    lease.mark_lost();
-                    return;
-                }
-            }
-        }
-    }
 }
 
 /// A small xorshift generator for backoff jitter (no need for secure randomness here).

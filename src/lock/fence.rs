@@ -10,7 +10,8 @@ use std::fmt;
 /// cannot prevent that; only the resource can (see the [module docs](super) for how).
 ///
 /// - [`value`](Self::value) is what the resource compares. Every backend mints it as
-///   `max(previous + 1, now in microseconds)` on its own clock (Redis `TIME`, or the
+///   `max(previous + 1, now in microseconds)` on its own clock (Redis rounds `now` down
+///   to the millisecond) (Redis `TIME`, or the
 ///   process clock for the memory backend), so it keeps increasing even when the counter is
 ///   lost: a Redis restarted without its data starts again from the current time, which is
 ///   past every token it minted before (as long as its clock did not go backwards).

@@ -5,11 +5,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::backend::OwnerToken;
 use super::client::Shared;
+use super::watchdog::{Ticket, Watchdog};
 use super::{FencingToken, LockError};
 
 /// What a held lock's guard and its handles share.
@@ -21,10 +21,11 @@ pub(crate) struct Lease {
     pub(crate) acquired_at: Instant,
     pub(crate) waited: Duration,
     pub(crate) attempts: u32,
+    pub(crate) ticket: Ticket,
 }
 
 impl Lease {
-    fn deadline(&self) -> Instant {
+    pub(crate) fn deadline(&self) -> Instant {
         *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -47,96 +48,59 @@ impl Lease {
     }
 }
 
-/// A held lock. Dropping it releases the lock (in the background, with a bounded timeout);
-/// [`release`](Self::release) does the same and says whether the lock was still ours.
+/// A held lock. Dropping it releases the lock (in the background, bounded by the backend's
+/// timeout); [`release`](Self::release) does the same and says whether the lock was still
+/// ours. It derefs to [`HeldLock`] for the token, the deadline and the lost signal.
 ///
 /// While it is held, a watchdog extends the lease every third of the TTL (up to the
 /// manager's cap on hold time). If an extension fails (the lease ran out during a network
-/// partition, or someone else now holds the lock), [`lost`](Self::lost) resolves: stop
-/// writing, and let the [fencing token](Self::fencing_token) protect what you already sent.
+/// partition, or someone else now holds the lock), [`lost`](HeldLock::lost) resolves: stop
+/// writing, and let the [fencing token](HeldLock::fencing_token) protect what you already
+/// sent.
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct LockGuard {
-    lease: Arc<Lease>,
+    held: HeldLock,
     shared: Arc<Shared>,
     owner: OwnerToken,
-    watchdog: Option<AbortHandle>,
     released: bool,
 }
 
 impl fmt::Debug for LockGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LockGuard")
-            .field("name", &self.lease.name)
-            .field("fencing_token", &self.lease.token)
-            .field("lost", &self.lease.is_lost())
-            .finish_non_exhaustive()
+        f.debug_tuple("LockGuard").field(&self.held).finish()
+    }
+}
+
+impl std::ops::Deref for LockGuard {
+    type Target = HeldLock;
+
+    fn deref(&self) -> &HeldLock {
+        &self.held
     }
 }
 
 impl LockGuard {
     pub(crate) fn new(shared: Arc<Shared>, lease: Lease, owner: OwnerToken) -> Self {
         let lease = Arc::new(lease);
-        let watchdog = tokio::runtime::Handle::try_current().ok().map(|handle| {
-            handle
-                .spawn(super::client::watchdog(
-                    shared.clone(),
-                    lease.clone(),
-                    owner,
-                ))
-                .abort_handle()
-        });
+        let config = &shared.config;
+        let first_check = if config.watchdog {
+            (lease.acquired_at + config.ttl / 3).min(lease.acquired_at + config.max_hold)
+        } else {
+            lease.deadline()
+        };
+        Watchdog::watch(&shared, lease.clone(), owner, first_check);
         Self {
-            lease,
+            held: HeldLock { lease },
             shared,
             owner,
-            watchdog,
             released: false,
         }
-    }
-
-    /// The lock's name.
-    pub fn name(&self) -> &str {
-        &self.lease.name
-    }
-
-    /// The fencing token minted with this acquisition: pass it to the resource you write
-    /// to, which refuses any token lower than one it has seen.
-    pub fn fencing_token(&self) -> FencingToken {
-        self.lease.token
-    }
-
-    /// When the lease ends unless the watchdog extends it (tokio's clock).
-    pub fn deadline(&self) -> Instant {
-        self.lease.deadline()
-    }
-
-    /// Whether the lease was lost (an extension failed, or the hold-time cap was reached
-    /// and the lease ran out).
-    pub fn is_lost(&self) -> bool {
-        self.lease.is_lost()
-    }
-
-    /// Resolves when the lease is lost. Never resolves while the lock is held.
-    pub async fn lost(&self) {
-        self.lease.lost().await
-    }
-
-    /// How long the acquisition waited for the lock.
-    pub fn waited(&self) -> Duration {
-        self.lease.waited
-    }
-
-    /// How many attempts the acquisition made (1 when the lock was free).
-    pub fn attempts(&self) -> u32 {
-        self.lease.attempts
     }
 
     /// A cheap, cloneable view of this lock (token, deadline, lost signal) for code that
     /// must not release it, such as a request handler.
     pub fn handle(&self) -> HeldLock {
-        HeldLock {
-            lease: self.lease.clone(),
-        }
+        self.held.clone()
     }
 
     /// Releases the lock now. `Err(LockError::Lost)` when it was no longer ours (the
@@ -144,22 +108,17 @@ impl LockGuard {
     /// protected by the lock, only by the fencing token.
     pub async fn release(mut self) -> Result<(), LockError> {
         self.released = true;
-        if let Some(watchdog) = self.watchdog.take() {
-            watchdog.abort();
-        }
-        let timeout = self.shared.config.release_timeout;
-        let released = tokio::time::timeout(
-            timeout,
-            self.shared.backend.release(&self.lease.name, self.owner),
-        )
-        .await
-        .map_err(|_| {
-            LockError::Unavailable(format!("release timed out after {timeout:?}").into())
-        })??;
-        if released && !self.lease.is_lost() {
+        self.shared.watchdog.unwatch(&self.held.lease.ticket);
+        // Bounded by the backend (the Redis backends by the store's per-call timeout).
+        let released = self
+            .shared
+            .backend
+            .release(&self.held.lease.name, self.owner)
+            .await?;
+        if released && !self.held.lease.is_lost() {
             Ok(())
         } else {
-            self.lease.mark_lost();
+            self.held.lease.mark_lost();
             Err(LockError::Lost)
         }
     }
@@ -167,16 +126,14 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if let Some(watchdog) = self.watchdog.take() {
-            watchdog.abort();
-        }
         if !self.released {
-            release_in_background(&self.shared, &self.lease.name, self.owner);
+            self.shared.watchdog.unwatch(&self.held.lease.ticket);
+            release_in_background(&self.shared, &self.held.lease.name, self.owner);
         }
     }
 }
 
-/// Releases `name` for `owner` on a spawned task, bounded by the release timeout. Without
+/// Releases `name` for `owner` on a spawned task (the backend bounds the call). Without
 /// a runtime (dropped outside tokio) the lease simply runs out.
 pub(crate) fn release_in_background(shared: &Arc<Shared>, name: &str, owner: OwnerToken) {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
@@ -185,12 +142,7 @@ pub(crate) fn release_in_background(shared: &Arc<Shared>, name: &str, owner: Own
     let shared = shared.clone();
     let name = name.to_owned();
     handle.spawn(async move {
-        let timeout = shared.config.release_timeout;
-        if let Err(error) = tokio::time::timeout(timeout, shared.backend.release(&name, owner))
-            .await
-            .map_err(|_| LockError::Unavailable("release timed out".into()))
-            .and_then(|r| r)
-        {
+        if let Err(error) = shared.backend.release(&name, owner).await {
             tracing::debug!(lock = %name, %error, "battlement: lock release failed; the lease will run out");
         }
     });
@@ -219,7 +171,8 @@ impl HeldLock {
         &self.lease.name
     }
 
-    /// The fencing token minted with this acquisition.
+    /// The fencing token minted with this acquisition: pass it to the resource you write
+    /// to, which refuses any token lower than one it has seen.
     pub fn fencing_token(&self) -> FencingToken {
         self.lease.token
     }
@@ -229,12 +182,13 @@ impl HeldLock {
         self.lease.deadline()
     }
 
-    /// Whether the lease was lost.
+    /// Whether the lease was lost (an extension failed, or the hold-time cap was reached
+    /// and the lease ran out).
     pub fn is_lost(&self) -> bool {
         self.lease.is_lost()
     }
 
-    /// Resolves when the lease is lost.
+    /// Resolves when the lease is lost. Never resolves while the lock is held.
     pub async fn lost(&self) {
         self.lease.lost().await
     }
@@ -242,6 +196,11 @@ impl HeldLock {
     /// How long the acquisition waited.
     pub fn waited(&self) -> Duration {
         self.lease.waited
+    }
+
+    /// How many attempts the acquisition made (1 when the lock was free).
+    pub fn attempts(&self) -> u32 {
+        self.lease.attempts
     }
 
     /// When the lock was obtained.

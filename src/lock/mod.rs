@@ -87,6 +87,7 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 mod service;
+mod watchdog;
 
 pub use backend::{Attempt, BoxFuture, LockBackend, OwnerToken, Subscription, WaitList};
 pub use body::LockBody;

@@ -18,21 +18,30 @@ use crate::redis::{RedisStore, Script, StoreError};
 /// bounds what lock names cost in Redis.
 const FENCE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Takes the lock and mints the fencing token in one step.
+/// Takes the lock and mints the fencing token in one step: the counter becomes
+/// `max(previous + 1, now)` (HINCRBY, then raised to TIME when behind), with `now` in
+/// microseconds rounded down to the millisecond, so Redlock nodes whose clocks agree to
+/// the millisecond mint the same token and need no raise round. Written as integer strings
+/// (Lua's own number formatting would round them).
 /// KEYS: lock, fence. ARGV: owner, ttl ms, fence ttl ms.
 /// Returns {1, counter, epoch} when granted, {0, pttl of the holder} when held.
 const ACQUIRE: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local c = redis.call('HINCRBY', KEYS[2], 'c', 1)
+  local e = redis.call('HGET', KEYS[2], 'e')
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local f = redis.call('HMGET', KEYS[2], 'c', 'e')
-  local c = tonumber(f[1])
-  local e = tonumber(f[2])
-  if not c or not e then c = 0 e = now end
-  if c + 1 > now then c = c + 1 else c = now end
-  redis.call('HSET', KEYS[2], 'c', string.format('%.0f', c), 'e', string.format('%.0f', e))
+  local now_s = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000)) .. '000'
+  local now = tonumber(now_s)
+  if c < now then
+    c = now
+    redis.call('HSET', KEYS[2], 'c', now_s)
+  end
+  if not e then
+    e = now_s
+    redis.call('HSET', KEYS[2], 'e', now_s)
+  end
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
-  return {1, c, e}
+  return {1, c, tonumber(e)}
 end
 return {0, redis.call('PTTL', KEYS[1])}
 ";
