@@ -225,7 +225,8 @@ impl LockManager {
         let mut subscribed = false;
         let mut backoff = config.backoff_min;
         let mut attempts = 0u32;
-        let mut rng = Jitter::new();
+        // Seeded only when a wait starts: a free lock costs no extra randomness.
+        let mut rng: Option<Jitter> = None;
         loop {
             attempts += 1;
             let owner = OwnerToken::random();
@@ -293,7 +294,7 @@ impl LockManager {
                 b
             };
             // Jitter: between half and all of the pause, so waiters spread out.
-            pause = pause / 2 + rng.below(pause / 2);
+            pause = pause / 2 + rng.get_or_insert_with(Jitter::new).below(pause / 2);
             if let Some(left) = expires_in {
                 pause = pause.min(left + Duration::from_millis(1));
             }

@@ -252,6 +252,37 @@ fn unavailable(error: StoreError) -> LockError {
     LockError::Unavailable(Box::new(error))
 }
 
+/// One acquisition attempt on one node.
+fn acquire_on(
+    store: RedisStore,
+    name: &str,
+    args: [String; 3],
+) -> impl std::future::Future<Output = NodeAnswer> + Send + 'static {
+    let keys = [lock_key(&store, name), fence_key(&store, name)];
+    async move {
+        let answer: Result<Vec<i64>, StoreError> = store
+            .eval(
+                &scripts().acquire,
+                &[&keys[0], &keys[1]],
+                &[args[0].as_bytes(), args[1].as_bytes(), args[2].as_bytes()],
+            )
+            .await;
+        match answer {
+            Ok(v) if v.len() == 3 && v[0] == 1 => {
+                NodeAnswer::Granted(v[1].max(0) as u64, v[2].max(0) as u64)
+            }
+            Ok(v) if v.len() == 2 => {
+                NodeAnswer::Held(u64::try_from(v[1]).ok().map(Duration::from_millis))
+            }
+            Ok(_) => NodeAnswer::Failed(StoreError::Redis(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "unexpected lock script reply",
+            )))),
+            Err(e) => NodeAnswer::Failed(e),
+        }
+    }
+}
+
 enum NodeAnswer {
     Granted(u64, u64),
     Held(Option<Duration>),
@@ -270,6 +301,33 @@ impl LockBackend for RedisLockBackend {
             let owner_hex = owner.to_hex();
             let ttl_ms = (ttl.as_millis() as u64).max(1).to_string();
             let fence_ttl_ms = (FENCE_TTL.as_millis() as u64).to_string();
+            if let [node] = self.nodes.as_slice() {
+                // One node: one call, nothing to gather.
+                let answer = acquire_on(
+                    node.store.clone(),
+                    name,
+                    [owner_hex.clone(), ttl_ms, fence_ttl_ms],
+                )
+                .await;
+                return match answer {
+                    NodeAnswer::Granted(value, epoch) => match ttl.checked_sub(started.elapsed()) {
+                        Some(validity) if !validity.is_zero() => Ok(Attempt::Acquired {
+                            token: FencingToken::new(value, epoch),
+                            validity,
+                        }),
+                        _ => {
+                            self.undo(name, owner).await;
+                            Ok(Attempt::Held { expires_in: None })
+                        }
+                    },
+                    NodeAnswer::Held(expires_in) => Ok(Attempt::Held { expires_in }),
+                    NodeAnswer::Failed(error) => {
+                        // The write may have landed before the error (a timeout).
+                        self.undo(name, owner).await;
+                        Err(unavailable(error))
+                    }
+                };
+            }
             let mut calls: FuturesUnordered<_> = self
                 .nodes
                 .iter()
@@ -278,34 +336,9 @@ impl LockBackend for RedisLockBackend {
                     // Owned, so the calls still in flight when a quorum has answered can
                     // finish in the background: the nodes they reach hold the lock too, and
                     // extend and release treat them like the others.
-                    let store = node.store.clone();
-                    let keys = [lock_key(&store, name), fence_key(&store, name)];
                     let args = [owner_hex.clone(), ttl_ms.clone(), fence_ttl_ms.clone()];
-                    async move {
-                        let answer: Result<Vec<i64>, StoreError> = store
-                            .eval(
-                                &scripts().acquire,
-                                &[&keys[0], &keys[1]],
-                                &[args[0].as_bytes(), args[1].as_bytes(), args[2].as_bytes()],
-                            )
-                            .await;
-                        let answer = match answer {
-                            Ok(v) if v.len() == 3 && v[0] == 1 => {
-                                NodeAnswer::Granted(v[1].max(0) as u64, v[2].max(0) as u64)
-                            }
-                            Ok(v) if v.len() == 2 => NodeAnswer::Held(
-                                u64::try_from(v[1]).ok().map(Duration::from_millis),
-                            ),
-                            Ok(_) => {
-                                NodeAnswer::Failed(StoreError::Redis(redis::RedisError::from((
-                                    redis::ErrorKind::UnexpectedReturnType,
-                                    "unexpected lock script reply",
-                                ))))
-                            }
-                            Err(e) => NodeAnswer::Failed(e),
-                        };
-                        (i, answer)
-                    }
+                    let call = acquire_on(node.store.clone(), name, args);
+                    async move { (i, call.await) }
                 })
                 .collect();
             let n = self.nodes.len();
@@ -376,17 +409,7 @@ impl LockBackend for RedisLockBackend {
                 });
             }
             // Not ours: undo whatever was granted (and whatever may still land).
-            if !granted.is_empty() || !failures.is_empty() || n > 1 {
-                self.undo(name, owner).await;
-            }
-            if n == 1 {
-                if let Some(error) = failures.pop() {
-                    return Err(unavailable(error));
-                }
-                return Ok(Attempt::Held {
-                    expires_in: held_for,
-                });
-            }
+            self.undo(name, owner).await;
             if held == 0 || failures.len() > n - self.quorum {
                 return Err(LockError::NoQuorum {
                     granted: granted.len(),
