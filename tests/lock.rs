@@ -404,6 +404,13 @@ async fn redis_down_is_unavailable_within_the_wait() {
 #[tokio::test]
 async fn invalid_names_are_refused() {
     let locks = LockManager::memory();
+    // A held lock with no wait is a timeout, not a panic.
+    let held = locks.acquire("zero", Duration::ZERO).await.unwrap();
+    assert!(matches!(
+        locks.acquire("zero", Duration::ZERO).await,
+        Err(LockError::TimedOut { .. })
+    ));
+    drop(held);
     for name in ["", "a{b}", "line\nbreak", &"x".repeat(300)] {
         assert!(matches!(
             locks.try_acquire(name).await,

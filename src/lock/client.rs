@@ -198,24 +198,19 @@ impl LockManager {
     /// Cancel-safe: dropping the future at any point leaves nothing held (an attempt that
     /// was in flight is undone in the background with its owner token).
     pub async fn acquire(&self, name: &str, wait: Duration) -> Result<LockGuard, LockError> {
-        self.acquire_inner(name, wait)
-            .await
-            .map(|g| g.expect("a wait never yields None"))
+        self.acquire_inner(name, wait).await
     }
 
     /// Takes `name` if it is free now: `Ok(None)` when someone holds it.
     pub async fn try_acquire(&self, name: &str) -> Result<Option<LockGuard>, LockError> {
         match self.acquire_inner(name, Duration::ZERO).await {
+            Ok(guard) => Ok(Some(guard)),
             Err(LockError::TimedOut { .. }) => Ok(None),
-            other => other,
+            Err(error) => Err(error),
         }
     }
 
-    async fn acquire_inner(
-        &self,
-        name: &str,
-        wait: Duration,
-    ) -> Result<Option<LockGuard>, LockError> {
+    async fn acquire_inner(&self, name: &str, wait: Duration) -> Result<LockGuard, LockError> {
         validate_name(name)?;
         let shared = &self.shared;
         let config = &shared.config;
@@ -253,7 +248,7 @@ impl LockManager {
                             attempts,
                             ticket: Ticket::new(),
                         };
-                        return Ok(Some(LockGuard::new(shared.clone(), lease, owner)));
+                        return Ok(LockGuard::new(shared.clone(), lease, owner));
                     }
                     Ok(Attempt::Held { expires_in }) => {
                         pending.armed = false;
@@ -269,7 +264,6 @@ impl LockManager {
             if now >= deadline {
                 return match last_error {
                     Some(error) => Err(error),
-                    None if wait.is_zero() => Ok(None),
                     None => Err(LockError::TimedOut {
                         waited: now - started,
                     }),

@@ -29,8 +29,8 @@
 //!
 //! ## The guard
 //!
-//! [`LockGuard`] carries the [`FencingToken`], the lease [`deadline`](LockGuard::deadline)
-//! and a [`lost`](LockGuard::lost) signal. A watchdog extends the lease every third of the
+//! [`LockGuard`] carries the [`FencingToken`], the lease [`deadline`](HeldLock::deadline)
+//! and a [`lost`](HeldLock::lost) signal. A watchdog extends the lease every third of the
 //! TTL while the guard lives, up to a cap on total hold time; when an extension is refused,
 //! or cannot be made before the lease runs out, `lost()` fires. Dropping the guard releases
 //! the lock in the background with a bounded timeout, and so does dropping an
