@@ -15,6 +15,7 @@
 //! | [`metrics`] | bounded-cardinality request metrics through the `metrics` facade |
 //! | [`key`] | what layers key on: the client IP behind trusted proxies, a header, the principal |
 //! | [`reject`] | one refusal type, rendered as RFC 9457 problem+json or a gRPC status |
+//! | [`builder`] | `ServiceBuilderExt`: the layers as methods of tower's `ServiceBuilder` |
 //! | [`body`] | the response body every short-circuiting layer returns |
 //! | [`annotate`] | the per-request record layers write their decisions into |
 //! | [`principal`] | who the request is, for handlers and for other layers |
@@ -95,6 +96,7 @@ pub mod annotate;
 #[cfg(feature = "auth")]
 pub mod auth;
 pub mod body;
+pub mod builder;
 #[cfg(feature = "cache")]
 pub mod cache;
 #[cfg(feature = "idempotency")]
@@ -116,6 +118,7 @@ pub mod trace;
 pub mod validate;
 
 pub use body::ResponseBody;
+pub use builder::ServiceBuilderExt;
 pub use key::{ClientIp, KeyExtractor, RequestHead};
 pub use principal::Principal;
 #[cfg(feature = "rate-limit")]

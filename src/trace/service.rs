@@ -97,7 +97,13 @@ where
             None => TraceContext::new_root(),
         };
         let capture = config.logging_possible();
-        let annotation = (capture || config.metrics_on()).then(Annotation::new);
+        // An annotation an outer layer already put in the request is shared, not replaced:
+        // what the inner layers decide reaches both.
+        let annotation = (capture || config.metrics_on()).then(|| {
+            Annotation::of(req.extensions())
+                .cloned()
+                .unwrap_or_else(Annotation::new)
+        });
         // Inner layers and handlers see the id that is logged and echoed, never a rejected one.
         req.headers_mut().insert(
             config.request_id_header.clone(),
