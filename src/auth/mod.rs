@@ -30,8 +30,8 @@
 //! - Refusals follow RFC 6750: `401` with `WWW-Authenticate: Bearer realm="...",
 //!   error="invalid_token", error_description="..."`; `403` with
 //!   `error="insufficient_scope"` and `scope="..."`; `400 invalid_request` for a token in
-//!   two places. gRPC callers get `UNAUTHENTICATED`, `PERMISSION_DENIED` or
-//!   `UNAVAILABLE`. No token ever appears in a response or a log; the reason
+//!   two places. gRPC callers get `UNAUTHENTICATED`, `PERMISSION_DENIED`,
+//!   `INVALID_ARGUMENT` (the `400`) or `UNAVAILABLE`. No token ever appears in a response or a log; the reason
 //!   ([`AuthFailure`]) goes into the annotation record.
 //!
 //! ```
@@ -265,6 +265,8 @@ impl AuthFailure {
             _ => "Unauthorized",
         };
         let grpc = match status {
+            // A malformed request (credentials in two places), not bad credentials.
+            StatusCode::BAD_REQUEST => GrpcCode::InvalidArgument,
             StatusCode::FORBIDDEN => GrpcCode::PermissionDenied,
             StatusCode::SERVICE_UNAVAILABLE => GrpcCode::Unavailable,
             _ => GrpcCode::Unauthenticated,
