@@ -169,6 +169,17 @@ async fn redlock_node_restarted_without_data_keeps_tokens_increasing() {
     let locks = LockManager::redlock(stores).unwrap();
     let held = locks.acquire("n", Duration::from_secs(1)).await.unwrap();
     let t1 = held.fencing_token();
+    // The acquisition returned at a quorum; the third node's grant lands in the background.
+    // Let it land before blocking this thread on the restart below.
+    for _ in 0..100 {
+        if servers
+            .iter()
+            .all(|s| s.command(&["EXISTS", "battlement:lock:{n}"]) == "1")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // One node loses everything (its lock key and its fencing counter).
     servers[0].restart();
     assert_eq!(servers[0].command(&["EXISTS", "battlement:lock:{n}"]), "0");
@@ -452,9 +463,12 @@ async fn redlock_raises_lagging_counters_to_the_token_it_hands_out() {
         stores.push(store(s).await);
     }
     let locks = LockManager::redlock(stores).unwrap();
-    // Node 0 once minted far more than the others (a clock ahead, say).
+    // Nodes 0 and 1 once minted far more than node 2 (clocks ahead, say): whichever two
+    // nodes grant first, one of them is ahead.
     let ahead = "8000000000000000";
-    servers[0].command(&["HSET", "battlement:lockfence:{raise}", "c", ahead, "e", "1"]);
+    for s in &servers[..2] {
+        s.command(&["HSET", "battlement:lockfence:{raise}", "c", ahead, "e", "1"]);
+    }
     let guard = locks
         .acquire("raise", Duration::from_secs(1))
         .await
@@ -466,10 +480,11 @@ async fn redlock_raises_lagging_counters_to_the_token_it_hands_out() {
     let raised = servers
         .iter()
         .filter(|s| {
+            // A node whose grant has not landed yet has no counter: "(nil)".
             let c: u64 = s
                 .command(&["HGET", "battlement:lockfence:{raise}", "c"])
                 .parse()
-                .unwrap();
+                .unwrap_or(0);
             c >= token
         })
         .count();
