@@ -157,6 +157,20 @@ where
     }
 }
 
+/// Headers that describe one connection (RFC 9110 §7.6.1): a layer that stores a response
+/// to answer later requests with it never keeps them.
+#[cfg(any(feature = "cache", feature = "idempotency"))]
+pub(crate) const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

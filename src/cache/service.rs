@@ -26,18 +26,6 @@ use crate::principal::Principal;
 /// `Cache-Status` header name (RFC 9211).
 pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
-/// Headers that describe one connection, never stored.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
 /// State shared by every clone of a cache layer.
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
@@ -327,7 +315,7 @@ fn forwarded<R: Body>(
 fn stored_headers(headers: &HeaderMap) -> HeaderMap {
     let upstream_age = policy::age_header(headers).unwrap_or(0);
     let mut out = headers.clone();
-    for name in HOP_BY_HOP {
+    for name in crate::body::HOP_BY_HOP {
         out.remove(name);
     }
     out.remove(SET_COOKIE);

@@ -10,7 +10,7 @@ use tower_layer::Layer;
 
 use super::service::Idempotency;
 use super::store::{IdempotencyStore, MemoryStore};
-use super::{ConfigError, FailurePolicy};
+use super::{ConfigError, FailurePolicy, IDEMPOTENT_REPLAYED};
 
 /// Default cap of a request body read to fingerprint it: 1 MiB.
 pub const DEFAULT_MAX_REQUEST_BODY: usize = 1024 * 1024;
@@ -20,19 +20,6 @@ pub const DEFAULT_MAX_RESPONSE_BODY: usize = 1024 * 1024;
 pub const DEFAULT_IN_FLIGHT_TTL: Duration = Duration::from_secs(60);
 /// Default retention of a completed response: 24 h.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
-
-/// Headers that describe one connection (or that the layer sets itself): never stored.
-const NEVER_STORED: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "idempotent-replayed",
-];
 
 /// State shared by every service a layer makes.
 pub(crate) struct Shared {
@@ -246,7 +233,7 @@ impl IdempotencyBuilder {
             if *name == SET_COOKIE {
                 return Err(ConfigError::SetCookieStored);
             }
-            if NEVER_STORED.contains(&name.as_str()) {
+            if crate::body::HOP_BY_HOP.contains(&name.as_str()) || *name == IDEMPOTENT_REPLAYED {
                 return Err(ConfigError::HeaderNotStorable(name.to_string()));
             }
         }
