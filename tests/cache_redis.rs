@@ -146,9 +146,13 @@ async fn a_thousand_misses_across_two_replicas_make_one_origin_call() {
     let origin = Origin::default();
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        let store = RedisStore::connect(RedisConfig::single(redis.url()))
-            .await
-            .unwrap();
+        // A generous store timeout: this test is about coordination, and on a loaded
+        // machine a fill claim slower than the default 50 ms would (by design) let a
+        // replica fill without it.
+        let store =
+            RedisStore::connect(RedisConfig::single(redis.url()).timeout(Duration::from_secs(1)))
+                .await
+                .unwrap();
         replicas.push(
             Router::new()
                 .route("/slow", get(slow_product))

@@ -79,7 +79,17 @@ fn store(capture: Box<Capture>, trailers: Option<HeaderMap>) {
     let store = shared.store.clone();
     // The memory store answers at once; a remote one must not hold up the response.
     let put = async move {
-        let _ = store.put(key, Stored::Response(Arc::new(entry)), ttl).await;
+        let entry = Arc::new(entry);
+        // Only what the store really holds is handed to the waiters: while the store is
+        // down, they go to the origin as every other request does.
+        if store
+            .put(key, Stored::Response(entry.clone()), ttl)
+            .await
+            .is_ok()
+            && let Some(fill) = &fill
+        {
+            fill.deliver(&entry);
+        }
         drop(fill);
     };
     match tokio::runtime::Handle::try_current() {

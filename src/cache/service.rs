@@ -39,7 +39,7 @@ pub(crate) struct Shared {
     pub(crate) store_timeout: Duration,
     pub(crate) origin_timeout: Option<Duration>,
     pub(crate) clock: Arc<dyn Fn() -> SystemTime + Send + Sync>,
-    fills: Mutex<HashMap<Key, watch::Receiver<()>>>,
+    fills: Mutex<HashMap<Key, watch::Receiver<Delivered>>>,
     /// Purge tag versions: purging a tag moves its version on, which every entry stored
     /// with the old version sees on lookup. O(1) per purge, whatever the number of entries.
     pub(crate) tag_versions: super::store::TagVersions,
@@ -130,9 +130,21 @@ impl Shared {
 pub(crate) struct FillGuard {
     shared: Arc<Shared>,
     key: Key,
-    _done: watch::Sender<()>,
+    done: watch::Sender<Delivered>,
     /// The fill was also claimed in a shared store (other replicas wait for it).
     claimed_in_store: bool,
+}
+
+/// The entry a fill stored, handed to the requests of this process waiting for it, so that
+/// they do not all read it back from a shared store at once (a burst that a slow store
+/// answers with timeouts, and those requests would then go to the origin).
+pub(crate) type Delivered = Option<Arc<Entry>>;
+
+impl FillGuard {
+    /// Hands `entry`, which the store now holds, to the requests waiting on this fill.
+    pub(crate) fn deliver(&self, entry: &Arc<Entry>) {
+        self.done.send_replace(Some(entry.clone()));
+    }
 }
 
 impl Drop for FillGuard {
@@ -156,7 +168,7 @@ impl Drop for FillGuard {
 
 enum Role {
     Leader(FillGuard),
-    Waiter(watch::Receiver<()>),
+    Waiter(watch::Receiver<Delivered>),
 }
 
 fn claim(shared: &Arc<Shared>, key: &Key) -> Role {
@@ -164,12 +176,12 @@ fn claim(shared: &Arc<Shared>, key: &Key) -> Role {
     if let Some(rx) = fills.get(key) {
         return Role::Waiter(rx.clone());
     }
-    let (tx, rx) = watch::channel(());
+    let (tx, rx) = watch::channel(None);
     fills.insert(key.clone(), rx);
     Role::Leader(FillGuard {
         shared: shared.clone(),
         key: key.clone(),
-        _done: tx,
+        done: tx,
         claimed_in_store: false,
     })
 }
@@ -695,6 +707,7 @@ where
                                         )
                                         .await
                                         {
+                                            guard.deliver(&entry);
                                             drop(guard);
                                             return Ok(serve(&shared, &req, &entry, true, None));
                                         }
@@ -709,6 +722,24 @@ where
                         Role::Waiter(mut rx) => {
                             let _ = tokio::time::timeout(shared.wait, rx.changed()).await;
                             collapsed = true;
+                            // The entry the fill stored, when it has no variants to choose
+                            // between; otherwise (or without one) the loop looks it up.
+                            let delivered = rx.borrow().clone();
+                            if let Some(entry) = delivered
+                                && !entry.headers.contains_key(http::header::VARY)
+                                && !shared.purged(&entry)
+                            {
+                                let now = (shared.clock)();
+                                if policy::staleness(
+                                    entry.stored_at,
+                                    &entry.freshness,
+                                    now,
+                                    &request_cc,
+                                ) == Staleness::Fresh
+                                {
+                                    return Ok(serve_at(&shared, &req, &entry, true, None, now));
+                                }
+                            }
                         }
                     }
                 }
