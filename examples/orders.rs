@@ -19,10 +19,14 @@
 //! | `JWT_SECRET` | a dev secret (with a warning, and dev tokens printed at start) |
 //! | `JWT_ISSUER` / `JWT_AUDIENCE` | `battlement-demo` / `orders-api` |
 //! | `ORIGIN_DELAY_MS` | `20`: simulated database latency of the product handler |
+//! | `PAY_DELAY_MS` | `100`: simulated payment latency of `POST /orders/{id}/pay` |
 //! | `LOG_FORMAT` | `json` (or `pretty`) |
 //!
 //! It logs one JSON line per request on stdout (the `trace` layer, outermost), and with
 //! `--features metrics` serves Prometheus text on `GET /metrics`.
+//!
+//! Besides the routes of the README, `POST /products/{id}/purge` (a token with the scope
+//! `products:purge`) drops a product from the cache: on Redis, from every copy's cache.
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -162,6 +166,24 @@ async fn product(Path(id): Path<String>, headers: HeaderMap, origin_delay: Durat
     res
 }
 
+/// `POST /products/{id}/purge` (scope `products:purge`): the next `GET /products/{id}`
+/// goes to the origin, on this copy and, on Redis, on every other copy too (the purge
+/// reaches their memory tiers through Redis pub/sub).
+async fn purge_product(
+    Extension(cache): Extension<CacheLayer>,
+    Path(id): Path<String>,
+) -> Response {
+    if !valid_product_id(&id) {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "Not Found",
+            "No product has this id.",
+        );
+    }
+    cache.purge(&format!("/products/{id}"), None).await;
+    StatusCode::NO_CONTENT.into_response()
+}
+
 /// A small stable hash for the demo's ETag.
 fn fxhash(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -246,12 +268,13 @@ async fn main() {
     let origin_delay = config.origin_delay;
     // Cached (in memory, or in Redis shared by every copy): one origin call per product
     // per 30 s, however many ask at once.
+    let product_cache = backend.cache();
     let products = Router::new()
         .route(
             "/products/{id}",
             get(move |path, headers| product(path, headers, origin_delay)),
         )
-        .layer(backend.cache());
+        .layer(product_cache.clone());
     let orders_state = OrderStore::new(&backend);
     // One payment per order at a time, across every copy of the service: the lock
     // `order:{id}` is held while paying; a request that cannot get it in 2 s gets a 503.
@@ -287,6 +310,13 @@ async fn main() {
                 .layer::<_, std::convert::Infallible>(pay_lock)
                 .layer(RequireScopes::all(["orders:write"]).realm("orders-api")),
         )
+        // An admin route: the product changed, drop it from the cache of every copy.
+        .route(
+            "/products/{id}/purge",
+            post(purge_product)
+                .layer::<_, std::convert::Infallible>(Extension(product_cache))
+                .layer(RequireScopes::all(["products:purge"]).realm("orders-api")),
+        )
         .merge(create)
         .layer(Extension(PayDelay(config.pay_delay)))
         .layer(auth)
@@ -318,6 +348,10 @@ async fn main() {
             "  curl -i -X POST http://{addr}/orders -H 'Authorization: Bearer {writer}' \\\n      -H 'Content-Type: application/json' -d '{{\"product_id\":\"p-1\",\"quantity\":2}}'"
         );
         println!("  curl -i http://{addr}/orders/ORDER_ID -H 'Authorization: Bearer {reader}'");
+        let admin = dev_token(&config, "dev-admin", "products:purge");
+        println!(
+            "  curl -i -X POST http://{addr}/products/p-1/purge -H 'Authorization: Bearer {admin}'"
+        );
     }
     if cfg!(feature = "metrics") {
         println!("  curl -s http://{addr}/metrics");
