@@ -16,6 +16,7 @@
 //! | two `authorization` values | `INVALID_ARGUMENT` |
 //! | a good token, 3 times | `OK` |
 //! | the same token a 4th time | `RESOURCE_EXHAUSTED` (with `grpc-retry-pushback-ms`) |
+//! | another subject, twice with one `idempotency-key` | `OK`, then `OK` replayed (`idempotent-replayed: true`) |
 //!
 //! Every refusal is a trailers-only response that tonic reads as a `Status`.
 
@@ -23,6 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use battlement::ServiceBuilderExt;
 use battlement::auth::{AuthLayer, Issuer, JwtValidator, RequireScopes};
+use battlement::idempotency::IdempotencyLayer;
 use battlement::rate_limit::{Quota, RateLimitLayer};
 use battlement::trace::TraceLayer;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -100,6 +102,13 @@ async fn main() {
                 .build()
                 .expect("valid rate limit"),
         )
+        // A call retried with the same `idempotency-key` metadata gets the first answer
+        // again, trailers (`grpc-status`) included.
+        .idempotency(
+            IdempotencyLayer::builder()
+                .build()
+                .expect("valid idempotency layer"),
+        )
         .into_inner();
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -140,9 +149,26 @@ async fn main() {
         };
         calls.push((label, check(&[&reader])));
     }
+    let carol = format!("Bearer {}", token("carol", "health:read"));
+    for label in ["idempotent call", "idempotent call, retried"] {
+        let mut request = check(&[&carol]);
+        request
+            .metadata_mut()
+            .insert("idempotency-key", "\"check-1\"".parse().expect("ascii"));
+        calls.push((label, request));
+    }
     for (label, request) in calls {
         match client.check(request).await {
-            Ok(response) => println!("{label:32} -> OK ({:?})", response.get_ref().status()),
+            Ok(response) => {
+                let replayed = match response.metadata().get("idempotent-replayed") {
+                    Some(_) => " idempotent-replayed: true",
+                    None => "",
+                };
+                println!(
+                    "{label:32} -> OK ({:?}){replayed}",
+                    response.get_ref().status()
+                );
+            }
             Err(status) => {
                 let extra = ["www-authenticate", "grpc-retry-pushback-ms"]
                     .iter()

@@ -1,4 +1,5 @@
-//! The response body every short-circuiting layer returns.
+//! The response body every short-circuiting layer returns, and the request body of the
+//! layers that read it first.
 //!
 //! A layer that answers by itself (a refusal, a cached response) cannot produce the inner
 //! service's body type, so it returns [`ResponseBody<B>`]: either the inner body, passed
@@ -6,7 +7,9 @@
 //! `Data = Bytes` and the inner body's error type, it works as the response body of an axum
 //! `Router::layer`, a plain hyper 1 service and a tonic `Server::layer` with no mapping.
 //! Trailers of the inner body pass through, and a buffered body may carry trailers of its
-//! own (a replayed gRPC response needs them).
+//! own (a replayed gRPC response needs them). [`RequestBody`] is the same type, handed on
+//! by `validate` and `idempotency`, which may have read the request body before the inner
+//! service runs.
 //!
 //! ```
 //! use battlement::body::ResponseBody;
@@ -157,6 +160,130 @@ where
     }
 }
 
+/// The request body handed on by a layer that may read the body first (`validate`,
+/// `idempotency`): the client's body untouched when the layer did not read it, or the bytes
+/// (and trailers) it read. The same type as [`ResponseBody`], so the inner service takes
+/// `Request<RequestBody<B>>` for whatever `B` the server gives (axum's `Body`, hyper's
+/// `Incoming`, tonic's `Body`): axum routes and tonic servers accept any such body, and a
+/// hyper `service_fn` names it in its argument.
+///
+/// ```
+/// use battlement::body::RequestBody;
+/// use bytes::Bytes;
+/// use http_body_util::{BodyExt, Full};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let read: RequestBody<Full<Bytes>> = RequestBody::full(Bytes::from_static(b"{}"));
+/// assert_eq!(read.collect().await.unwrap().to_bytes(), "{}");
+/// # }
+/// ```
+pub type RequestBody<B> = ResponseBody<B>;
+
+/// Reads a request body into memory up to a cap: the one reader of the layers that read
+/// request bodies. A body that arrives in one frame (the usual case) is kept as it is, not
+/// copied.
+#[cfg(any(feature = "validate", feature = "idempotency"))]
+#[derive(Debug)]
+pub(crate) struct Collector {
+    first: Option<Bytes>,
+    buf: bytes::BytesMut,
+    capacity: usize,
+    max: usize,
+    trailers: Option<HeaderMap>,
+}
+
+/// Why a [`Collector`] stopped.
+#[cfg(any(feature = "validate", feature = "idempotency"))]
+#[derive(Debug)]
+pub(crate) enum CollectError {
+    /// The body is larger than the cap.
+    TooLarge,
+    /// The body failed; the error's text.
+    Failed(String),
+}
+
+/// A body read to its end.
+#[cfg(any(feature = "validate", feature = "idempotency"))]
+#[derive(Debug, Default)]
+pub(crate) struct Collected {
+    pub(crate) data: Bytes,
+    pub(crate) trailers: Option<HeaderMap>,
+}
+
+#[cfg(any(feature = "validate", feature = "idempotency"))]
+impl Collected {
+    /// The body again, for the inner service.
+    pub(crate) fn into_body<B>(self) -> RequestBody<B> {
+        ResponseBody::buffered(self.data, self.trailers)
+    }
+}
+
+#[cfg(any(feature = "validate", feature = "idempotency"))]
+impl Collector {
+    /// A reader that refuses more than `max` bytes, sized for `declared` (`Content-Length`).
+    pub(crate) fn new(max: usize, declared: Option<u64>) -> Self {
+        Self {
+            first: None,
+            buf: bytes::BytesMut::new(),
+            capacity: declared.map_or(8 * 1024, |n| n as usize).min(max),
+            max,
+            trailers: None,
+        }
+    }
+
+    /// Reads `body` until it ends, it fails, or it passes the cap.
+    pub(crate) fn poll_collect<B>(
+        &mut self,
+        mut body: Pin<&mut B>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Collected, CollectError>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
+        loop {
+            let frame = match std::task::ready!(body.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => {
+                    return Poll::Ready(Err(CollectError::Failed(error.to_string())));
+                }
+                None => {
+                    let data = match self.first.take() {
+                        Some(first) => first,
+                        None => std::mem::take(&mut self.buf).freeze(),
+                    };
+                    let trailers = self.trailers.take();
+                    return Poll::Ready(Ok(Collected { data, trailers }));
+                }
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        self.trailers
+                            .get_or_insert_with(HeaderMap::new)
+                            .extend(trailers);
+                    }
+                    continue;
+                }
+            };
+            let so_far = self.first.as_ref().map_or(0, Bytes::len) + self.buf.len();
+            if so_far + data.len() > self.max {
+                return Poll::Ready(Err(CollectError::TooLarge));
+            }
+            if so_far == 0 {
+                self.first = Some(data);
+            } else {
+                if let Some(first) = self.first.take() {
+                    self.buf.reserve(self.capacity.max(so_far + data.len()));
+                    self.buf.extend_from_slice(&first);
+                }
+                self.buf.extend_from_slice(&data);
+            }
+        }
+    }
+}
+
 /// Headers that describe one connection (RFC 9110 §7.6.1): a layer that stores a response
 /// to answer later requests with it never keeps them.
 #[cfg(any(feature = "cache", feature = "idempotency"))]
@@ -185,6 +312,76 @@ mod tests {
         let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
         assert_eq!(collected.to_bytes(), "abc");
+    }
+
+    /// A body of the given frames, then the end (or an error where `None` stands).
+    #[cfg(any(feature = "validate", feature = "idempotency"))]
+    struct Frames(std::collections::VecDeque<Option<Frame<Bytes>>>);
+
+    #[cfg(any(feature = "validate", feature = "idempotency"))]
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = &'static str;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
+            Poll::Ready(match self.0.pop_front() {
+                Some(Some(frame)) => Some(Ok(frame)),
+                Some(None) => Some(Err("connection reset")),
+                None => None,
+            })
+        }
+    }
+
+    #[cfg(any(feature = "validate", feature = "idempotency"))]
+    async fn collect(
+        max: usize,
+        frames: Vec<Option<Frame<Bytes>>>,
+    ) -> Result<Collected, CollectError> {
+        let mut body = std::pin::pin!(Frames(frames.into()));
+        let mut collector = Collector::new(max, None);
+        std::future::poll_fn(|cx| collector.poll_collect(body.as_mut(), cx)).await
+    }
+
+    #[cfg(any(feature = "validate", feature = "idempotency"))]
+    #[tokio::test]
+    async fn collector_joins_frames_keeps_trailers_and_refuses_past_the_cap() {
+        let data = |s: &'static str| Some(Frame::data(Bytes::from_static(s.as_bytes())));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", "1".parse().unwrap());
+        let read = collect(
+            6,
+            vec![
+                data("ab"),
+                data("cd"),
+                data("ef"),
+                Some(Frame::trailers(trailers)),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(read.data, "abcdef");
+        assert_eq!(read.trailers.as_ref().unwrap()["x-checksum"], "1");
+        let again = read.into_body::<Full<Bytes>>().collect().await.unwrap();
+        assert_eq!(again.trailers().unwrap()["x-checksum"], "1");
+        assert_eq!(again.to_bytes(), "abcdef");
+        // One frame is kept as it came (no copy).
+        let one = Bytes::from_static(b"whole");
+        let read = collect(5, vec![Some(Frame::data(one.clone()))])
+            .await
+            .unwrap();
+        assert_eq!(read.data.as_ptr(), one.as_ptr());
+        assert!(matches!(
+            collect(5, vec![data("abc"), data("def")]).await,
+            Err(CollectError::TooLarge)
+        ));
+        assert!(matches!(
+            collect(5, vec![data("abc"), None]).await,
+            Err(CollectError::Failed(e)) if e == "connection reset"
+        ));
+        assert!(collect(5, vec![]).await.unwrap().data.is_empty());
     }
 
     #[test]

@@ -843,14 +843,14 @@ async fn redis_down_is_503_when_closed_and_runs_when_open() {
 
 #[tokio::test]
 async fn trailers_are_stored_and_replayed_on_a_plain_tower_service() {
-    use battlement::body::ResponseBody;
+    use battlement::body::{RequestBody, ResponseBody};
     use http_body_util::Full;
 
     let runs = Arc::new(AtomicUsize::new(0));
     let counter = runs.clone();
     let service = tower::ServiceBuilder::new()
         .layer(IdempotencyLayer::builder().build().unwrap())
-        .service_fn(move |_req: Request<Full<Bytes>>| {
+        .service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {
             counter.fetch_add(1, Ordering::SeqCst);
             async {
                 let mut trailers = HeaderMap::new();

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::HeaderValue;
 use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -22,7 +22,7 @@ use super::record::StoredResponse;
 use super::service::{fingerprint, note, refusal};
 use super::store::{BoxFuture, Claim, OwnerToken, Scope, StoreError};
 use crate::annotate::{Annotation, IdempotencyOutcome};
-use crate::body::ResponseBody;
+use crate::body::{CollectError, Collected, Collector, RequestBody, ResponseBody};
 use crate::key::RequestHead;
 use crate::reject::Rejection;
 
@@ -53,11 +53,8 @@ fn replay(stored: StoredResponse) -> Box<Response<Buffered>> {
 pub(crate) struct Keyed<S> {
     shared: Arc<Shared>,
     parts: Option<Parts>,
-    // A body that arrives in one frame (the usual case) is kept as it is, not copied.
-    first: Option<Bytes>,
-    buf: BytesMut,
-    capacity: usize,
-    body: Option<Bytes>,
+    collector: Collector,
+    body: Option<Collected>,
     service: Option<S>,
     scope: Scope,
     owner: Option<OwnerToken>,
@@ -91,20 +88,19 @@ impl<S> Keyed<S> {
     }
 
     /// The request as it came, its body rebuilt from the bytes read.
-    fn request<B: From<Bytes>>(&mut self) -> Request<B> {
+    fn request<B>(&mut self) -> Request<RequestBody<B>> {
         let parts = self
             .parts
             .take()
             .expect("ResponseFuture polled after completion");
-        Request::from_parts(parts, B::from(self.body.take().unwrap_or_default()))
+        Request::from_parts(parts, self.body.take().unwrap_or_default().into_body())
     }
 
     /// The store could not answer: refuse (`Closed`), or run the request unprotected
     /// (`Open`).
     fn store_failed<ReqBody>(&mut self, error: &StoreError) -> State<S, ReqBody>
     where
-        S: Service<Request<ReqBody>>,
-        ReqBody: From<Bytes>,
+        S: Service<Request<RequestBody<ReqBody>>>,
     {
         match self.shared.failure {
             FailurePolicy::Closed => {
@@ -133,7 +129,7 @@ pin_project! {
     /// The response future of [`super::Idempotency`].
     pub struct ResponseFuture<S, ReqBody>
     where
-        S: Service<Request<ReqBody>>,
+        S: Service<Request<RequestBody<ReqBody>>>,
     {
         #[pin]
         state: State<S, ReqBody>,
@@ -144,7 +140,7 @@ pin_project! {
     #[project = StateProj]
     enum State<S, ReqBody>
     where
-        S: Service<Request<ReqBody>>,
+        S: Service<Request<RequestBody<ReqBody>>>,
     {
         // No key (or not a method the layer applies to): the inner future, untouched.
         Pass { #[pin] future: S::Future },
@@ -161,7 +157,7 @@ pin_project! {
 
 impl<S, ReqBody> fmt::Debug for ResponseFuture<S, ReqBody>
 where
-    S: Service<Request<ReqBody>>,
+    S: Service<Request<RequestBody<ReqBody>>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
@@ -170,7 +166,7 @@ where
 
 impl<S, ReqBody> ResponseFuture<S, ReqBody>
 where
-    S: Service<Request<ReqBody>>,
+    S: Service<Request<RequestBody<ReqBody>>>,
 {
     #[inline]
     pub(crate) fn pass(future: S::Future) -> Self {
@@ -195,18 +191,14 @@ where
         declared: Option<u64>,
     ) -> Self {
         let (parts, body) = req.into_parts();
-        let capacity = declared
-            .map_or(8 * 1024, |n| n as usize)
-            .min(shared.max_request_body);
+        let collector = Collector::new(shared.max_request_body, declared);
         Self {
             state: State::Collecting {
                 body,
                 keyed: Some(Box::new(Keyed {
                     shared,
                     parts: Some(parts),
-                    first: None,
-                    buf: BytesMut::new(),
-                    capacity,
+                    collector,
                     body: None,
                     service: Some(service),
                     scope,
@@ -220,7 +212,7 @@ where
 
 /// Reads the request body into `keyed`, up to the cap. `Some(refusal)` when it cannot.
 fn collect<S, B>(
-    mut body: Pin<&mut B>,
+    body: Pin<&mut B>,
     keyed: &mut Keyed<S>,
     cx: &mut Context<'_>,
 ) -> Poll<Option<Box<Response<Buffered>>>>
@@ -228,49 +220,26 @@ where
     B: Body<Data = Bytes>,
     B::Error: fmt::Display,
 {
-    let max = keyed.shared.max_request_body;
-    loop {
-        match ready!(body.as_mut().poll_frame(cx)) {
-            Some(Ok(frame)) => {
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                let so_far = keyed.first.as_ref().map_or(0, Bytes::len) + keyed.buf.len();
-                if so_far + data.len() > max {
-                    return Poll::Ready(Some(keyed.refuse(IdempotencyOutcome::TooLarge)));
-                }
-                if so_far == 0 {
-                    keyed.first = Some(data);
-                } else {
-                    if let Some(first) = keyed.first.take() {
-                        keyed.buf.reserve(keyed.capacity.max(so_far + data.len()));
-                        keyed.buf.extend_from_slice(&first);
-                    }
-                    keyed.buf.extend_from_slice(&data);
-                }
-            }
-            Some(Err(error)) => {
-                let head = RequestHead::of_parts(keyed.parts());
-                let response = Rejection::new(StatusCode::BAD_REQUEST, "Bad Request")
-                    .with_detail(format!("The body could not be read: {error}."))
-                    .render(&head);
-                return Poll::Ready(Some(buffered(response)));
-            }
-            None => {
-                keyed.body = Some(match keyed.first.take() {
-                    Some(first) => first,
-                    None => std::mem::take(&mut keyed.buf).freeze(),
-                });
-                return Poll::Ready(None);
-            }
+    Poll::Ready(match ready!(keyed.collector.poll_collect(body, cx)) {
+        Ok(read) => {
+            keyed.body = Some(read);
+            None
         }
-    }
+        Err(CollectError::TooLarge) => Some(keyed.refuse(IdempotencyOutcome::TooLarge)),
+        Err(CollectError::Failed(error)) => {
+            let head = RequestHead::of_parts(keyed.parts());
+            let response = Rejection::new(StatusCode::BAD_REQUEST, "Bad Request")
+                .with_detail(format!("The body could not be read: {error}."))
+                .render(&head);
+            Some(buffered(response))
+        }
+    })
 }
 
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ReqBody: Body<Data = Bytes> + From<Bytes>,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    ReqBody: Body<Data = Bytes>,
     ReqBody::Error: fmt::Display,
     ResBody: Body<Data = Bytes>,
 {
@@ -300,7 +269,7 @@ where
                             let fp = fingerprint(
                                 &k.shared,
                                 k.parts(),
-                                k.body.as_deref().unwrap_or_default(),
+                                k.body.as_ref().map_or(&[][..], |b| &b.data[..]),
                             );
                             match OwnerToken::generate() {
                                 Ok(owner) => {

@@ -63,6 +63,11 @@
 //! # }
 //! ```
 //!
+//! The layer reads the body of a keyed request before the handler runs (to fingerprint
+//! it), so the inner service takes a [`RequestBody`](crate::body::RequestBody) around the
+//! server's body type: the bytes read, or the body untouched for requests without a key.
+//! axum routes, tonic servers and a generic hyper `service_fn` accept it as they are.
+//!
 //! ## The key
 //!
 //! The `Idempotency-Key` header holds a Structured Field string

@@ -19,7 +19,7 @@ use super::future::ResponseFuture;
 use super::layer::Shared;
 use super::store::{Fingerprint, Scope};
 use crate::annotate::{Annotation, IdempotencyNote, IdempotencyOutcome};
-use crate::body::ResponseBody;
+use crate::body::{RequestBody, ResponseBody};
 use crate::key::RequestHead;
 use crate::principal::Principal;
 use crate::reject::Rejection;
@@ -212,8 +212,8 @@ pub(crate) fn refusal(
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ReqBody: Body<Data = Bytes> + From<Bytes>,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone,
+    ReqBody: Body<Data = Bytes>,
     ReqBody::Error: fmt::Display,
     ResBody: Body<Data = Bytes>,
 {
@@ -230,7 +230,7 @@ where
         // Not ours, or no key on a route that does not need one: straight through, with
         // nothing allocated.
         if !shared.methods.contains(req.method()) {
-            return ResponseFuture::pass(self.inner.call(req));
+            return ResponseFuture::pass(self.inner.call(req.map(RequestBody::inner)));
         }
         let mut values = req.headers().get_all(&IDEMPOTENCY_KEY).iter();
         let Some(value) = values.next() else {
@@ -238,7 +238,7 @@ where
                 let head = RequestHead::of(&req);
                 return ResponseFuture::refused(refusal(&head, IdempotencyOutcome::Missing, 0));
             }
-            return ResponseFuture::pass(self.inner.call(req));
+            return ResponseFuture::pass(self.inner.call(req.map(RequestBody::inner)));
         };
         let head = RequestHead::of(&req);
         // Two keys on one request: which one the client meant is anyone's guess.

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
@@ -15,15 +15,12 @@ use tower_service::Service;
 
 use super::layer::Shared;
 use super::service::{Found, finish, refuse, too_large};
-use crate::body::ResponseBody;
+use crate::body::{CollectError, Collector, RequestBody, ResponseBody};
 use crate::key::RequestHead;
 
 pub(crate) struct Collect<S> {
     parts: Option<Parts>,
-    // A body that arrives in one frame (the usual case) is kept as it is, not copied.
-    first: Option<Bytes>,
-    buf: BytesMut,
-    len: usize,
+    collector: Collector,
     service: Option<S>,
     shared: Arc<Shared>,
     found: Option<Found>,
@@ -33,7 +30,7 @@ pin_project! {
     /// The response future of [`super::Validate`].
     pub struct ResponseFuture<S, ReqBody>
     where
-        S: Service<Request<ReqBody>>,
+        S: Service<Request<RequestBody<ReqBody>>>,
     {
         #[pin]
         state: State<S, ReqBody>,
@@ -44,7 +41,7 @@ pin_project! {
     #[project = StateProj]
     enum State<S, ReqBody>
     where
-        S: Service<Request<ReqBody>>,
+        S: Service<Request<RequestBody<ReqBody>>>,
     {
         Collecting { #[pin] body: ReqBody, collect: Box<Collect<S>> },
         Inner { #[pin] future: S::Future },
@@ -54,7 +51,7 @@ pin_project! {
 
 impl<S, ReqBody> fmt::Debug for ResponseFuture<S, ReqBody>
 where
-    S: Service<Request<ReqBody>>,
+    S: Service<Request<RequestBody<ReqBody>>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
@@ -63,7 +60,7 @@ where
 
 impl<S, ReqBody> ResponseFuture<S, ReqBody>
 where
-    S: Service<Request<ReqBody>>,
+    S: Service<Request<RequestBody<ReqBody>>>,
 {
     pub(crate) fn inner(future: S::Future) -> Self {
         Self {
@@ -87,17 +84,12 @@ where
         declared: Option<u64>,
     ) -> Self {
         let (parts, body) = req.into_parts();
-        let capacity = declared
-            .map_or(8 * 1024, |n| n as usize)
-            .min(shared.max_body);
         Self {
             state: State::Collecting {
                 body,
                 collect: Box::new(Collect {
                     parts: Some(parts),
-                    first: None,
-                    buf: BytesMut::new(),
-                    len: capacity,
+                    collector: Collector::new(shared.max_body, declared),
                     service: Some(service),
                     shared,
                     found: Some(found),
@@ -109,8 +101,8 @@ where
 
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ReqBody: Body<Data = Bytes> + From<Bytes>,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    ReqBody: Body<Data = Bytes>,
     ReqBody::Error: fmt::Display,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
@@ -119,67 +111,36 @@ where
         let mut this = self.project();
         loop {
             let next = match this.state.as_mut().project() {
-                StateProj::Collecting { mut body, collect } => {
-                    let max = collect.shared.max_body;
-                    let refusal = loop {
-                        match ready!(body.as_mut().poll_frame(cx)) {
-                            Some(Ok(frame)) => {
-                                if let Ok(data) = frame.into_data() {
-                                    let so_far = collect.first.as_ref().map_or(0, Bytes::len)
-                                        + collect.buf.len();
-                                    if so_far + data.len() > max {
-                                        let parts = collect.parts.as_ref().expect("parts");
-                                        break Some(too_large(&RequestHead::of_parts(parts), max));
-                                    }
-                                    if so_far == 0 {
-                                        collect.first = Some(data);
-                                    } else {
-                                        if let Some(first) = collect.first.take() {
-                                            collect
-                                                .buf
-                                                .reserve(collect.len.max(so_far + data.len()));
-                                            collect.buf.extend_from_slice(&first);
-                                        }
-                                        collect.buf.extend_from_slice(&data);
-                                    }
-                                }
-                            }
-                            Some(Err(error)) => {
-                                let parts = collect.parts.as_ref().expect("parts");
-                                break Some(refuse(
-                                    &RequestHead::of_parts(parts),
-                                    StatusCode::BAD_REQUEST,
-                                    "Bad Request",
-                                    format!("The body could not be read: {error}."),
-                                ));
-                            }
-                            None => break None,
+                StateProj::Collecting { body, collect } => {
+                    let read = ready!(collect.collector.poll_collect(body, cx));
+                    let parts = collect.parts.take().expect("polled after completion");
+                    let head = RequestHead::of_parts(&parts);
+                    let outcome = match read {
+                        Err(CollectError::TooLarge) => {
+                            Err(Box::new(too_large(&head, collect.shared.max_body)))
+                        }
+                        Err(CollectError::Failed(error)) => Err(Box::new(refuse(
+                            &head,
+                            StatusCode::BAD_REQUEST,
+                            "Bad Request",
+                            format!("The body could not be read: {error}."),
+                        ))),
+                        Ok(read) => {
+                            let found = collect.found.take().unwrap_or_default();
+                            finish::<ReqBody>(&collect.shared, parts, read, found)
                         }
                     };
-                    match refusal {
-                        Some(response) => State::Refused {
-                            response: Some(response),
-                        },
-                        None => {
-                            let parts = collect.parts.take().expect("polled after completion");
-                            let bytes: Bytes = match collect.first.take() {
-                                Some(first) => first,
-                                None => std::mem::take(&mut collect.buf).freeze(),
-                            };
-                            let found = collect.found.take().unwrap_or_default();
-                            match finish::<ReqBody>(&collect.shared, parts, bytes, found) {
-                                Ok(req) => {
-                                    let mut service =
-                                        collect.service.take().expect("polled after completion");
-                                    State::Inner {
-                                        future: service.call(req),
-                                    }
-                                }
-                                Err(response) => State::Refused {
-                                    response: Some(*response),
-                                },
+                    match outcome {
+                        Ok(req) => {
+                            let mut service =
+                                collect.service.take().expect("polled after completion");
+                            State::Inner {
+                                future: service.call(req),
                             }
                         }
+                        Err(response) => State::Refused {
+                            response: Some(*response),
+                        },
                     }
                 }
                 StateProj::Inner { future } => {

@@ -15,7 +15,10 @@
 //!   gRPC callers get `INVALID_ARGUMENT` with the first violation.
 //!
 //! The handler gets the parsed value as [`ParsedJson`] (no second parse), and the original
-//! bytes as the body, for handlers that deserialize themselves. Schemas are compiled once,
+//! bytes as the body, for handlers that deserialize themselves: the inner service takes a
+//! [`RequestBody`](crate::body::RequestBody) around the server's body type (the body
+//! untouched when there was none to read), which axum routes, tonic servers and a generic
+//! hyper `service_fn` accept as they are. Schemas are compiled once,
 //! when the layer is built, after a lint that refuses what can be abused: a `pattern` that
 //! needs a backtracking regex engine (unless allowed), `pattern` or `format` on a string
 //! without `maxLength`, `uniqueItems` without `maxItems`. Report-only mode records

@@ -18,7 +18,7 @@ use super::layer::Shared;
 use super::params::{header_object, query_object};
 use super::schema::Violation;
 use crate::annotate::{Annotation, ValidationNote};
-use crate::body::ResponseBody;
+use crate::body::{Collected, RequestBody, ResponseBody};
 use crate::key::RequestHead;
 use crate::reject::{GrpcCode, Rejection};
 
@@ -126,14 +126,15 @@ fn conclude(shared: &Shared, head: &RequestHead<'_>, found: Found) -> Option<Res
 }
 
 /// The body is read: parse, validate, and hand the request on (or refuse it).
-pub(crate) fn finish<B: From<Bytes>>(
+pub(crate) fn finish<B>(
     shared: &Shared,
     mut parts: Parts,
-    bytes: Bytes,
+    read: Collected,
     mut found: Found,
-) -> Result<Request<B>, Box<Response<Bytes>>> {
+) -> Result<Request<RequestBody<B>>, Box<Response<Bytes>>> {
+    let bytes = &read.data;
     if let Some(limits) = &shared.json {
-        let value = match limits.parse(&bytes) {
+        let value = match limits.parse(bytes) {
             Ok(value) => value,
             Err(e) => {
                 let head = RequestHead::of_parts(&parts);
@@ -160,7 +161,7 @@ pub(crate) fn finish<B: From<Bytes>>(
     } else if let Some(response) = conclude(shared, &RequestHead::of_parts(&parts), found) {
         return Err(Box::new(response));
     }
-    Ok(Request::from_parts(parts, B::from(bytes)))
+    Ok(Request::from_parts(parts, read.into_body()))
 }
 
 fn media_type_allowed(shared: &Shared, head: &RequestHead<'_>) -> bool {
@@ -179,8 +180,8 @@ fn media_type_allowed(shared: &Shared, head: &RequestHead<'_>) -> bool {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Validate<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ReqBody: Body<Data = Bytes> + From<Bytes>,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone,
+    ReqBody: Body<Data = Bytes>,
     ReqBody::Error: fmt::Display,
 {
     type Response = Response<ResponseBody<ResBody>>;
@@ -219,7 +220,7 @@ where
             {
                 return ResponseFuture::refused(response);
             }
-            return ResponseFuture::inner(self.inner.call(req));
+            return ResponseFuture::inner(self.inner.call(req.map(RequestBody::inner)));
         }
         // Cheap refusals before reading anything.
         if found.total > 0 && !shared.report_only {
