@@ -644,6 +644,8 @@ async fn the_redis_store_obeys_the_contract() {
         other => panic!("{other:?}"),
     }
     assert!(!store.release(&s, &owner([1; 16])).await.unwrap());
+    // A completed record is not renewed as a claim (its retention stays).
+    assert!(!store.extend(&s, &owner([1; 16]), lease).await.unwrap());
     // The retention is Redis's expiry.
     let ttl: i64 = redis
         .command(&["PTTL", &format!("battlement:idem:{{{}}}", s.to_hex())])
@@ -658,6 +660,7 @@ async fn the_redis_store_obeys_the_contract() {
         Claim::Acquired
     );
     assert!(store.release(&s2, &owner([1; 16])).await.unwrap());
+    assert!(!store.extend(&s2, &owner([1; 16]), lease).await.unwrap());
     assert_eq!(
         store
             .claim(&s2, &other, &owner([2; 16]), lease)
@@ -665,6 +668,25 @@ async fn the_redis_store_obeys_the_contract() {
             .unwrap(),
         Claim::Acquired
     );
+
+    // Only the owner renews a claim, for the lease it asks.
+    assert!(
+        !store
+            .extend(&s2, &owner([1; 16]), Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .extend(&s2, &owner([2; 16]), Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    let ttl: i64 = redis
+        .command(&["PTTL", &format!("battlement:idem:{{{}}}", s2.to_hex())])
+        .parse()
+        .unwrap();
+    assert!(ttl > 4_000 && ttl <= 5_000, "{ttl}");
 
     // A lease that ran out: the key is claimed again, the stale owner is fenced off.
     let s3 = Scope::from_bytes([3; 32]);
@@ -710,6 +732,63 @@ async fn redis_app(redis: &RedisServer, origin: &Arc<Origin>) -> Router {
         .build()
         .unwrap();
     app(layer, origin)
+}
+
+/// A request slower than `in_flight_ttl` keeps its key: the claim is renewed while the
+/// handler runs, so a retry long past the first lease is a `409`, never a second run, and
+/// the slow request's response is the one stored. On `app_a` and `app_b` (one instance
+/// twice, or two instances on one Redis).
+async fn slow_request_keeps_its_key(app_a: &Router, app_b: &Router, origin: &Arc<Origin>) {
+    let body = r#"{"quantity":1}"#;
+    let first = hold_first(app_a, origin, order(Some("k-slow"), body)).await;
+    // Four leases of 150 ms go by while the first request is inside the handler.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let retry = send(app_b, order(Some("k-slow"), body)).await;
+    assert_eq!(retry.status, StatusCode::CONFLICT, "{}", retry.text);
+    origin.release.notify_one();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    let mut replay = send(app_b, order(Some("k-slow"), body)).await;
+    for _ in 0..100 {
+        if replay.replayed() {
+            break;
+        }
+        // The record is written in a task of its own: a retry right after the end can
+        // still see the claim (a 409).
+        assert_eq!(replay.status, StatusCode::CONFLICT);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        replay = send(app_b, order(Some("k-slow"), body)).await;
+    }
+    assert!(replay.replayed(), "{} {}", replay.status, replay.text);
+    assert_eq!(replay.text, first.text);
+    assert_eq!(origin.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_slower_than_its_lease_keeps_its_key() {
+    let origin = Arc::new(Origin::default());
+    let layer = IdempotencyLayer::builder()
+        .in_flight_ttl(Duration::from_millis(150))
+        .build()
+        .unwrap();
+    let app = app(layer, &origin);
+    slow_request_keeps_its_key(&app, &app, &origin).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_slower_than_its_lease_keeps_its_key_on_redis() {
+    let redis = RedisServer::start();
+    let origin = Arc::new(Origin::default());
+    let layer = || async {
+        IdempotencyLayer::builder()
+            .redis(redis_store(&redis).await)
+            .in_flight_ttl(Duration::from_millis(150))
+            .build()
+            .unwrap()
+    };
+    let a = app(layer().await, &origin);
+    let b = app(layer().await, &origin);
+    slow_request_keeps_its_key(&a, &b, &origin).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -771,23 +850,18 @@ async fn concurrent_requests_across_instances_give_one_201_and_one_409() {
 async fn a_stale_worker_on_redis_cannot_overwrite_the_record() {
     let redis = RedisServer::start();
     let origin = Arc::new(Origin::default());
-    // The first request's instance has a short lease; the retry's a long one, so that the
-    // retry still holds the key however slowly the test runs.
-    let short = IdempotencyLayer::builder()
-        .redis(redis_store(&redis).await)
-        .in_flight_ttl(Duration::from_millis(100))
-        .build()
-        .unwrap();
-    let stale = app(short, &origin);
+    let stale = redis_app(&redis, &origin).await;
     let app = redis_app(&redis, &origin).await;
+    // The first request's claim is lost while it runs, as when its lease ran out while
+    // Redis was out of reach (no renewal got through): the record goes.
     stale_worker_is_fenced(&stale, &app, &origin, async || {
-        eventually("the lease to expire", || {
-            redis
-                .command(&["KEYS", "battlement:idem:*"])
-                .trim()
-                .is_empty()
-        })
-        .await
+        let keys = redis.command(&["KEYS", "battlement:idem:*"]);
+        let key = keys.trim();
+        assert!(
+            !key.is_empty() && !key.contains('\n'),
+            "one claim: {keys:?}"
+        );
+        assert_eq!(redis.command(&["DEL", key]), "1");
     })
     .await;
     eventually("the retry's response stored", || {

@@ -38,14 +38,61 @@ pub(crate) fn detach(mut call: BoxFuture<'static, ()>) {
 /// was not stored, the client went away, the inner service failed), it releases the key,
 /// so that a retry runs the request again at once instead of waiting out the lease.
 pub(crate) struct Lease {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) scope: Scope,
-    pub(crate) owner: OwnerToken,
-    pub(crate) annotation: Option<Annotation>,
-    pub(crate) done: bool,
+    shared: Arc<Shared>,
+    scope: Scope,
+    owner: OwnerToken,
+    annotation: Option<Annotation>,
+    done: bool,
+    /// Renews the claim every third of `in_flight_ttl` while the request runs and its
+    /// response streams, so that a slow request keeps its key (a retry gets `409`, never a
+    /// second run); stopped when the lease ends.
+    keeper: Option<tokio::task::AbortHandle>,
 }
 
 impl Lease {
+    /// The claim `owner` just acquired on `scope`, renewed until the lease ends.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        scope: Scope,
+        owner: OwnerToken,
+        annotation: Option<Annotation>,
+    ) -> Self {
+        let keeper = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let shared = shared.clone();
+            runtime
+                .spawn(async move {
+                    let lease = shared.in_flight_ttl;
+                    loop {
+                        tokio::time::sleep(lease / 3).await;
+                        match shared.store.extend(&scope, &owner, lease).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                tracing::warn!(
+                                    "battlement::idempotency: a running request lost its claim                                      (it was released, or expired while the store was                                      unreachable); its response will not be stored"
+                                );
+                                return;
+                            }
+                            // Tried again at the next renewal; the lease runs out meanwhile
+                            // only if the store stays unreachable.
+                            Err(error) => tracing::debug!(
+                                %error,
+                                "battlement::idempotency: a claim could not be renewed"
+                            ),
+                        }
+                    }
+                })
+                .abort_handle()
+        });
+        Self {
+            shared,
+            scope,
+            owner,
+            annotation,
+            done: false,
+            keeper,
+        }
+    }
+
     pub(crate) fn note(&self, outcome: IdempotencyOutcome) {
         note(self.annotation.as_ref(), outcome);
     }
@@ -54,6 +101,9 @@ impl Lease {
     /// fences the write).
     fn complete(mut self, response: StoredResponse) {
         self.done = true;
+        if let Some(keeper) = self.keeper.take() {
+            keeper.abort();
+        }
         let shared = self.shared.clone();
         let (scope, owner) = (self.scope, self.owner);
         let annotation = self.annotation.take();
@@ -90,6 +140,9 @@ fn note(annotation: Option<&Annotation>, outcome: IdempotencyOutcome) {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.abort();
+        }
         if self.done {
             return;
         }

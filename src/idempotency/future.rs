@@ -298,13 +298,12 @@ where
                     match result {
                         Ok(Claim::Acquired) => {
                             let annotation = Annotation::of(&k.parts().extensions).cloned();
-                            let lease = Box::new(Lease {
-                                shared: k.shared.clone(),
-                                scope: k.scope,
-                                owner: k.owner.expect("an owner token for every claim"),
+                            let lease = Box::new(Lease::new(
+                                k.shared.clone(),
+                                k.scope,
+                                k.owner.expect("an owner token for every claim"),
                                 annotation,
-                                done: false,
-                            });
+                            ));
                             let req = k.request::<ReqBody>();
                             let mut service = k
                                 .service

@@ -188,9 +188,9 @@ impl IdempotencyBuilder {
         self
     }
 
-    /// How long an in-flight claim holds its key (default 60 s). Make it longer than the
-    /// slowest request: past it, a retry runs the request again, and the first request's
-    /// response is then not stored (its completion is fenced off).
+    /// How long an in-flight claim holds its key without renewal (default 60 s). A running
+    /// request renews its claim every third of it, so this bounds how long the key stays
+    /// held after the process running the request died, not how long a request may take.
     pub fn in_flight_ttl(mut self, ttl: Duration) -> Self {
         self.in_flight_ttl = ttl;
         self

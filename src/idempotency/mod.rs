@@ -94,7 +94,9 @@
 //!
 //! The first request claims its key in one atomic step: an in-flight record holding the
 //! fingerprint and a random 128-bit owner token, which lives for a lease
-//! ([`in_flight_ttl`](IdempotencyBuilder::in_flight_ttl), 60 s). Its response then streams
+//! ([`in_flight_ttl`](IdempotencyBuilder::in_flight_ttl), 60 s) and is renewed every third
+//! of it while the request runs, so a slow request keeps its key however long it takes (a
+//! retry meanwhile gets `409`, never a second run). Its response then streams
 //! to the client as it comes, and is copied on the side; when the body has ended, the
 //! record becomes the stored response: status, the
 //! [allowlisted headers](IdempotencyBuilder::stored_headers) (`content-type`,
@@ -115,8 +117,10 @@
 //! - responses whose body fails, or that the client drops before their end;
 //! - requests whose inner service returns an error.
 //!
-//! A request that never finishes keeps its key until its lease runs out; retries meanwhile
-//! get `409`.
+//! A request whose process dies keeps its key until its lease runs out (no renewal comes);
+//! retries meanwhile get `409`. A request that loses its claim while it runs (the store
+//! was out of reach for a whole lease, and the record expired) still answers its client,
+//! but its response is not stored over a newer claim.
 //!
 //! ## Stores
 //!

@@ -61,6 +61,13 @@ redis.call('DEL', KEYS[1])
 return 1
 "#;
 
+const EXTEND: &str = r#"
+if redis.call('HGET', KEYS[1], 'st') ~= 'f' or redis.call('HGET', KEYS[1], 'own') ~= ARGV[1] then
+  return 0
+end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"#;
+
 /// Idempotency records in Redis, shared by every instance of the service.
 ///
 /// Every call waits at most the [`RedisStore`]'s timeout (50 ms by default) and fails at
@@ -73,6 +80,7 @@ pub struct RedisIdempotencyStore {
     claim: Script,
     complete: Script,
     release: Script,
+    extend: Script,
 }
 
 impl std::fmt::Debug for RedisIdempotencyStore {
@@ -91,6 +99,7 @@ impl RedisIdempotencyStore {
             claim: Script::new(CLAIM),
             complete: Script::new(COMPLETE),
             release: Script::new(RELEASE),
+            extend: Script::new(EXTEND),
         }
     }
 
@@ -200,6 +209,27 @@ impl IdempotencyStore for RedisIdempotencyStore {
                 )
                 .await?;
             Ok(released == 1)
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        scope: &'a Scope,
+        owner: &'a OwnerToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let key = self.key(scope);
+            let lease = millis(lease);
+            let extended: i64 = self
+                .redis
+                .eval(
+                    &self.extend,
+                    &[key.as_str()],
+                    &[owner.as_bytes().as_slice(), &lease],
+                )
+                .await?;
+            Ok(extended == 1)
         })
     }
 }

@@ -158,6 +158,9 @@ pub enum StoreError {
 ///   lease expired, and whose key was claimed again since, cannot overwrite it).
 /// - [`release`](Self::release): only if the record is in flight and carries `owner`,
 ///   delete it (the key may be used again at once) and return `true`.
+/// - [`extend`](Self::extend): only if the record is in flight and carries `owner`, make
+///   it live for `lease` from now and return `true` (the layer renews the claim of a
+///   request that is still running, every third of the lease).
 ///
 /// An expired record does not exist.
 pub trait IdempotencyStore: Send + Sync + 'static {
@@ -184,6 +187,14 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         &'a self,
         scope: &'a Scope,
         owner: &'a OwnerToken,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Renews the claim `owner` holds for another `lease` (fenced).
+    fn extend<'a>(
+        &'a self,
+        scope: &'a Scope,
+        owner: &'a OwnerToken,
+        lease: Duration,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 }
 
@@ -214,6 +225,15 @@ impl<T: IdempotencyStore + ?Sized> IdempotencyStore for Arc<T> {
         owner: &'a OwnerToken,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         (**self).release(scope, owner)
+    }
+
+    fn extend<'a>(
+        &'a self,
+        scope: &'a Scope,
+        owner: &'a OwnerToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        (**self).extend(scope, owner, lease)
     }
 }
 
@@ -493,6 +513,20 @@ impl MemoryStore {
         true
     }
 
+    fn extend_now(&self, scope: &Scope, owner: &OwnerToken, lease: Duration) -> bool {
+        let now = Instant::now();
+        let mut table = self.inner.table.lock();
+        table.sweep(now);
+        let owned = table
+            .slots
+            .get(scope)
+            .is_some_and(|slot| matches!(slot.state, State::InFlight { owner: o } if o == *owner));
+        if owned && let Some(slot) = table.remove(scope) {
+            table.insert(*scope, slot.fingerprint, slot.state, now + lease);
+        }
+        owned
+    }
+
     fn release_now(&self, scope: &Scope, owner: &OwnerToken) -> bool {
         let mut table = self.inner.table.lock();
         table.sweep(Instant::now());
@@ -541,6 +575,15 @@ impl IdempotencyStore for MemoryStore {
         owner: &'a OwnerToken,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(std::future::ready(Ok(self.release_now(scope, owner))))
+    }
+
+    fn extend<'a>(
+        &'a self,
+        scope: &'a Scope,
+        owner: &'a OwnerToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(std::future::ready(Ok(self.extend_now(scope, owner, lease))))
     }
 }
 
@@ -596,6 +639,9 @@ pub(crate) mod contract {
             store.claim(&s, &fp(2), &owner(3), LEASE).await.unwrap(),
             Claim::Mismatch
         );
+        // Only the owner renews it.
+        assert!(!store.extend(&s, &owner(2), LEASE).await.unwrap());
+        assert!(store.extend(&s, &owner(1), LEASE).await.unwrap());
         // Only the owner completes it.
         assert!(
             !store
@@ -622,7 +668,8 @@ pub(crate) mod contract {
             store.claim(&s, &fp(9), &owner(5), LEASE).await.unwrap(),
             Claim::Mismatch
         );
-        // A completed record is neither completed again nor released.
+        // A completed record is neither completed again, renewed, nor released.
+        assert!(!store.extend(&s, &owner(1), LEASE).await.unwrap());
         assert!(
             !store
                 .complete(&s, &owner(1), &response("again"), KEEP)
@@ -706,6 +753,31 @@ mod tests {
     #[tokio::test]
     async fn memory_store_obeys_the_contract() {
         contract::claim_complete_release(&MemoryStore::new()).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_claim_outlives_its_first_lease() {
+        let store = MemoryStore::new();
+        let (s, f) = (scope(4), fp(4));
+        let lease = Duration::from_secs(5);
+        assert_eq!(
+            store.claim(&s, &f, &owner(1), lease).await.unwrap(),
+            Claim::Acquired
+        );
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(store.extend(&s, &owner(1), lease).await.unwrap());
+        tokio::time::advance(Duration::from_secs(4)).await;
+        // 8 s after the claim, still held: a retry is in flight, not a second run.
+        assert_eq!(
+            store.claim(&s, &f, &owner(2), lease).await.unwrap(),
+            Claim::InFlight
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!store.extend(&s, &owner(1), lease).await.unwrap());
+        assert_eq!(
+            store.claim(&s, &f, &owner(2), lease).await.unwrap(),
+            Claim::Acquired
+        );
     }
 
     #[tokio::test(start_paused = true)]
