@@ -50,8 +50,11 @@ pin_project! {
     #[derive(Debug)]
     enum Kind<B> {
         Inner { #[pin] body: B },
-        // Boxed so that the enum is no larger than the inner body plus a tag: every
-        // response that passes through pays for the size of this enum.
+        // Bytes alone (refusals, cache hits, replays without trailers): not boxed, as
+        // every such response would pay an allocation for it.
+        Full { data: Option<Bytes> },
+        // With trailers: boxed, so that the enum stays the size of the larger of the inner
+        // body and `Bytes`.
         Buffered { rest: Option<Box<Buffered>> },
     }
 }
@@ -78,7 +81,7 @@ impl<B> ResponseBody<B> {
     /// An empty body.
     pub fn empty() -> Self {
         Self {
-            kind: Kind::Buffered { rest: None },
+            kind: Kind::Full { data: None },
         }
     }
 
@@ -88,6 +91,13 @@ impl<B> ResponseBody<B> {
     }
 
     fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        if trailers.is_none() {
+            return Self {
+                kind: Kind::Full {
+                    data: (!data.is_empty()).then_some(data),
+                },
+            };
+        }
         let rest = (!data.is_empty() || trailers.is_some()).then(|| {
             Box::new(Buffered {
                 data: (!data.is_empty()).then_some(data),
@@ -124,6 +134,7 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             KindProj::Buffered { rest } => {
                 let Some(buffered) = rest else {
                     return Poll::Ready(None);
@@ -144,6 +155,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
+            Kind::Full { data } => data.is_none(),
             Kind::Buffered { rest } => rest.is_none(),
         }
     }
@@ -151,6 +163,9 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             Kind::Buffered { rest } => SizeHint::with_exact(
                 rest.as_ref()
                     .and_then(|r| r.data.as_ref())
@@ -382,6 +397,18 @@ mod tests {
             Err(CollectError::Failed(e)) if e == "connection reset"
         ));
         assert!(collect(5, vec![]).await.unwrap().data.is_empty());
+    }
+
+    #[tokio::test]
+    async fn full_body_is_one_data_frame() {
+        let mut body: ResponseBody<Full<Bytes>> = ResponseBody::full("abc");
+        assert_eq!(body.size_hint().exact(), Some(3));
+        assert!(!body.is_end_stream());
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "abc");
+        assert!(body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(0));
+        assert!(body.frame().await.is_none());
     }
 
     #[test]

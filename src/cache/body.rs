@@ -62,10 +62,22 @@ fn store(capture: Box<Capture>, trailers: Option<HeaderMap>) {
         fill,
     } = *capture;
     let body = buf.freeze();
+    // The length of what is stored, which a hit then carries as it is (also for `HEAD`),
+    // instead of the server adding a header to, and so growing, the copied map on every
+    // hit. Not with trailers (gRPC), which frame their own length.
+    if trailers.is_none() {
+        headers.insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from(body.len()),
+        );
+    }
     // A strong validator for conditional requests, when the origin gave none.
     if shared.etag && !headers.contains_key(http::header::ETAG) {
         headers.insert(http::header::ETAG, super::policy::strong_etag(&body));
     }
+    // Room to spare, which a copy keeps: a full map grows (and rehashes) on any insert,
+    // even one that replaces a value, and every hit replaces two.
+    headers.reserve(4);
     let entry = Entry {
         status,
         headers,
@@ -74,6 +86,7 @@ fn store(capture: Box<Capture>, trailers: Option<HeaderMap>) {
         stored_at: (shared.clock)(),
         freshness,
         tags,
+        last_hit: Default::default(),
     };
     let ttl = freshness.retain();
     let store = shared.store.clone();

@@ -58,6 +58,7 @@
 //! ```
 
 mod body;
+mod future;
 pub(crate) mod key;
 mod layer;
 pub(crate) mod policy;
@@ -65,6 +66,7 @@ mod service;
 pub(crate) mod store;
 
 pub use body::{CacheBody, CaptureBody};
+pub use future::ResponseFuture;
 pub use layer::{CacheBuilder, CacheLayer};
 pub use service::Cache;
 

@@ -81,11 +81,13 @@ impl CacheControl {
     /// Parses the `Cache-Control` lines of a request. With no `Cache-Control` line at all,
     /// `Pragma: no-cache` counts as `no-cache` (RFC 9111 §5.4).
     pub(crate) fn parse(headers: &HeaderMap) -> Self {
-        let mut cc = Self::parse_response(headers);
-        if !headers.contains_key(CACHE_CONTROL) && pragma_no_cache(headers) {
-            cc.no_cache = true;
+        if !headers.contains_key(CACHE_CONTROL) {
+            return Self {
+                no_cache: pragma_no_cache(headers),
+                ..Self::default()
+            };
         }
-        cc
+        Self::parse_response(headers)
     }
 
     /// Parses the `Cache-Control` lines of a response. `Pragma` is ignored: RFC 9111 §5.4
@@ -329,6 +331,7 @@ impl RequestVerdict {
 pub(crate) fn request_verdict(
     method: &Method,
     headers: &HeaderMap,
+    cc: &CacheControl,
     settings: &Settings,
 ) -> RequestVerdict {
     if method != Method::GET && method != Method::HEAD {
@@ -337,7 +340,6 @@ pub(crate) fn request_verdict(
     if headers.contains_key(UPGRADE) {
         return RequestVerdict::Bypass("upgrade");
     }
-    let cc = CacheControl::parse(headers);
     if cc.no_store {
         return RequestVerdict::Bypass("no-store");
     }
@@ -806,7 +808,6 @@ pub(crate) fn cache_status(
     collapsed: bool,
     ttl: Option<i64>,
 ) -> HeaderValue {
-    use std::fmt::Write as _;
     let mut out = String::with_capacity(48);
     if is_sf_token(name) {
         out.push_str(name);
@@ -828,10 +829,12 @@ pub(crate) fn cache_status(
         out.push_str("; hit");
     }
     if let Some(fwd) = fwd.filter(|f| is_sf_token(f)) {
-        let _ = write!(out, "; fwd={fwd}");
+        out.push_str("; fwd=");
+        out.push_str(fwd);
     }
     if let Some(ttl) = ttl {
-        let _ = write!(out, "; ttl={ttl}");
+        out.push_str("; ttl=");
+        push_int(&mut out, ttl);
     }
     if stored {
         out.push_str("; stored");
@@ -840,6 +843,27 @@ pub(crate) fn cache_status(
         out.push_str("; collapsed");
     }
     HeaderValue::from_str(&out).unwrap_or_else(|_| HeaderValue::from_static("battlement"))
+}
+
+/// Appends `n` in decimal (without `core::fmt`: this runs on every hit).
+fn push_int(out: &mut String, n: i64) {
+    if n < 0 {
+        out.push('-');
+    }
+    let mut n = n.unsigned_abs();
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        out.push(char::from(d));
+    }
 }
 
 /// RFC 8941 sf-token: `( ALPHA / "*" ) *( tchar / ":" / "/" )`.
@@ -1199,7 +1223,8 @@ mod tests {
     // --- request verdict ----------------------------------------------------------------
 
     fn verdict(method: Method, pairs: &[(&str, &str)], s: &Settings) -> RequestVerdict {
-        request_verdict(&method, &headers(pairs), s)
+        let headers = headers(pairs);
+        request_verdict(&method, &headers, &CacheControl::parse(&headers), s)
     }
 
     #[test]
@@ -2015,5 +2040,11 @@ mod tests {
             s(cache_status("cachë", true, None, false, false, None)),
             "\"cach?\"; hit"
         );
+        for ttl in [0, 7, 10, 86_400, i64::MAX, i64::MIN] {
+            assert_eq!(
+                s(cache_status("c", true, None, false, false, Some(ttl))),
+                format!("c; hit; ttl={ttl}")
+            );
+        }
     }
 }

@@ -14,11 +14,12 @@ use tokio::sync::watch;
 use tower_service::Service;
 
 use super::body::{CacheBody, Capture, CaptureBody};
+use super::future::ResponseFuture;
 use super::key::{Key, KeyRules, primary, variant};
 use super::policy::{
     self, CacheControl, RequestVerdict, Settings, Staleness, Storable, cache_status,
 };
-use super::store::{BoxFuture, Entry, Store, Stored};
+use super::store::{Entry, Hit, Store, Stored};
 use crate::annotate::{Annotation, CacheNote, CacheStatus};
 use crate::body::ResponseBody;
 use crate::principal::Principal;
@@ -260,19 +261,35 @@ fn serve_at<B, R: Body>(
     fwd: Option<&str>,
     now: SystemTime,
 ) -> Answer<R> {
-    let age = policy::age_header(&entry.headers).unwrap_or(0) + policy::age(entry.stored_at, now);
+    let since = policy::age(entry.stored_at, now);
     let ttl = entry.freshness.ttl(entry.stored_at, now);
+    let plain = fwd.is_none() && !collapsed;
+    let hit = match plain.then(|| entry.last_hit.get(since, ttl)).flatten() {
+        Some(hit) => hit,
+        None => {
+            let age = policy::age_header(&entry.headers).unwrap_or(0) + since;
+            let hit = Hit {
+                since,
+                ttl,
+                age,
+                age_value: HeaderValue::from(age),
+                status_value: cache_status(&shared.name, true, fwd, false, collapsed, Some(ttl)),
+            };
+            if plain {
+                entry.last_hit.set(hit.clone());
+            }
+            hit
+        }
+    };
+    let age = hit.age;
     let not_modified = policy::not_modified(
         req.headers(),
         entry.headers.get(ETAG),
         entry.headers.get(LAST_MODIFIED),
     );
     let mut headers = entry.headers.clone();
-    headers.insert(AGE, HeaderValue::from(age));
-    headers.insert(
-        CACHE_STATUS,
-        cache_status(&shared.name, true, fwd, false, collapsed, Some(ttl)),
-    );
+    headers.insert(AGE, hit.age_value);
+    headers.insert(CACHE_STATUS, hit.status_value);
     let status = if fwd == Some("stale") {
         CacheStatus::Stale
     } else if collapsed {
@@ -480,7 +497,8 @@ async fn wait_for_remote_fill(
 
 /// A fresh entry for `req` from a store that answers without waiting, if there is one.
 fn fresh_hit_now<B, R: Body>(shared: &Arc<Shared>, req: &Request<B>) -> Option<Answer<R>> {
-    if policy::request_verdict(req.method(), req.headers(), &shared.settings)
+    let request_cc = CacheControl::parse(req.headers());
+    if policy::request_verdict(req.method(), req.headers(), &request_cc, &shared.settings)
         != RequestVerdict::Lookup
     {
         return None;
@@ -518,13 +536,6 @@ fn fresh_hit_now<B, R: Body>(shared: &Arc<Shared>, req: &Request<B>) -> Option<A
     if shared.purged(&entry) {
         return None;
     }
-    let request_cc = if req.headers().contains_key(http::header::CACHE_CONTROL)
-        || req.headers().contains_key(http::header::PRAGMA)
-    {
-        CacheControl::parse(req.headers())
-    } else {
-        CacheControl::default()
-    };
     let now = (shared.clock)();
     (policy::staleness(entry.stored_at, &entry.freshness, now, &request_cc) == Staleness::Fresh)
         .then(|| serve_at(shared, req, &entry, false, None, now))
@@ -594,7 +605,7 @@ where
 {
     type Response = Answer<ResBody>;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
+    type Future = ResponseFuture<Self::Response, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -604,13 +615,15 @@ where
         // The common case, a fresh hit in a store that answers at once, needs neither the
         // inner service nor an async state machine.
         if let Some(response) = fresh_hit_now(&self.shared, &req) {
-            return Box::pin(std::future::ready(Ok(response)));
+            return ResponseFuture::ready(response);
         }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
-        Box::pin(async move {
-            let verdict = policy::request_verdict(req.method(), req.headers(), &shared.settings);
+        ResponseFuture::pending(Box::pin(async move {
+            let request_cc = CacheControl::parse(req.headers());
+            let verdict =
+                policy::request_verdict(req.method(), req.headers(), &request_cc, &shared.settings);
             let principal = shared
                 .settings
                 .per_principal
@@ -639,13 +652,6 @@ where
             // A stale entry kept for `stale-if-error`, served if the origin fails.
             let mut fallback: Option<Arc<Entry>> = None;
             if verdict == RequestVerdict::Lookup {
-                let request_cc = if req.headers().contains_key(http::header::CACHE_CONTROL)
-                    || req.headers().contains_key(http::header::PRAGMA)
-                {
-                    CacheControl::parse(req.headers())
-                } else {
-                    CacheControl::default()
-                };
                 loop {
                     match lookup(&shared, &key, req.headers()).await {
                         Some(Stored::Response(entry)) if !shared.purged(&entry) => {
@@ -771,6 +777,6 @@ where
                 // A 5xx, an error, or no answer in time: the stale entry.
                 _ => Ok(serve(&shared, &head, &stale, false, Some("stale"))),
             }
-        })
+        }))
     }
 }

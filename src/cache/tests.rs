@@ -147,6 +147,9 @@ async fn conditional_and_head_requests_are_answered_from_the_entry() {
     let head = send(&app, Request::head("/product").body(Body::empty()).unwrap()).await;
     assert_eq!(head.status, StatusCode::OK);
     assert!(head.body.is_empty());
+    // HEAD tells the length of what GET answers, as the hit does.
+    assert_eq!(head.headers["content-length"], hit.body.len().to_string());
+    assert_eq!(hit.headers["content-length"], hit.body.len().to_string());
     assert_eq!(origin.calls(), 1);
 }
 
@@ -629,4 +632,29 @@ async fn an_upstream_age_is_added_to_the_cache_s_own() {
     assert!((100..110).contains(&age), "{age}");
     assert_eq!(hit.headers.get_all("age").iter().count(), 1);
     assert_eq!(hit.headers.get_all("cache-status").iter().count(), 1);
+}
+
+#[tokio::test]
+async fn age_and_ttl_follow_the_clock_hit_after_hit() {
+    let origin = Versioned::default();
+    let clock = TestClock::default();
+    let app = versioned_app(&origin, &clock, "/aging");
+    send(&app, get_req("/aging")).await;
+    let header = |a: &Answer, name: &str| a.headers[name].to_str().unwrap().to_owned();
+    for (advance, age, ttl) in [
+        (0, "0", 10),
+        (0, "0", 10),
+        (3, "3", 7),
+        (0, "3", 7),
+        (4, "7", 3),
+    ] {
+        clock.advance(advance);
+        let hit = send(&app, get_req("/aging")).await;
+        assert_eq!(header(&hit, "age"), age);
+        assert_eq!(
+            header(&hit, "cache-status"),
+            format!("battlement; hit; ttl={ttl}")
+        );
+    }
+    assert_eq!(origin.calls.load(Ordering::SeqCst), 1);
 }

@@ -35,7 +35,9 @@ impl Expiry<Key, Slot> for PerEntry {
 /// Responses in this process, at most `max_bytes` of them (bodies, headers and keys
 /// counted), least recently used first out.
 pub(crate) struct MemoryStore {
-    cache: Cache<Key, Slot>,
+    // foldhash (randomly seeded per store) instead of SipHash: a key is hashed on every
+    // lookup, and this is the one a hit waits for.
+    cache: Cache<Key, Slot, hashbrown::DefaultHashBuilder>,
 }
 
 impl MemoryStore {
@@ -46,7 +48,7 @@ impl MemoryStore {
                 .max_capacity(max_bytes)
                 .weigher(|key: &Key, slot: &Slot| slot.value.weight(key))
                 .expire_after(PerEntry)
-                .build(),
+                .build_with_hasher(hashbrown::DefaultHashBuilder::default()),
         }
     }
 
@@ -107,6 +109,7 @@ mod tests {
                 must_revalidate: false,
             },
             tags: Vec::new(),
+            last_hit: Default::default(),
         }))
     }
 

@@ -40,6 +40,53 @@ pub(crate) struct Entry {
     /// The purge tags of the response, each with its version when the entry was stored: a
     /// tag purged since then (its version moved on) makes the entry a miss.
     pub(crate) tags: Vec<(String, u64)>,
+    /// The `Age` and `Cache-Status` of its last plain hit.
+    pub(crate) last_hit: HitMemo,
+}
+
+/// The `Age` and `Cache-Status` values of an entry's last plain hit, reused by the hits
+/// that would get the same ones (they change once a second): most hits then format and
+/// allocate nothing for them. Never waited for: a hit that finds it busy builds its own.
+#[derive(Default)]
+pub(crate) struct HitMemo(parking_lot::Mutex<Option<Hit>>);
+
+/// One memoized hit: its seconds since storing, its `ttl`, and the values they gave.
+#[derive(Clone)]
+pub(crate) struct Hit {
+    pub(crate) since: u64,
+    pub(crate) ttl: i64,
+    pub(crate) age: u64,
+    pub(crate) age_value: http::HeaderValue,
+    pub(crate) status_value: http::HeaderValue,
+}
+
+impl HitMemo {
+    /// The memoized hit, if it was made `since` seconds after storing with this `ttl`.
+    pub(crate) fn get(&self, since: u64, ttl: i64) -> Option<Hit> {
+        let memo = self.0.try_lock()?;
+        memo.as_ref()
+            .filter(|hit| hit.since == since && hit.ttl == ttl)
+            .cloned()
+    }
+
+    /// Remembers `hit` for the next ones.
+    pub(crate) fn set(&self, hit: Hit) {
+        if let Some(mut memo) = self.0.try_lock() {
+            *memo = Some(hit);
+        }
+    }
+}
+
+impl Clone for HitMemo {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for HitMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HitMemo").finish_non_exhaustive()
+    }
 }
 
 /// What a key holds.

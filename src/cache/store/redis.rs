@@ -151,7 +151,9 @@ pub(crate) fn decode(mut buf: Bytes) -> Option<Stored> {
                 must_revalidate: (buf.has_remaining() && buf.get_u8() == 1),
             };
             let count = u16_(&mut buf)?;
-            let headers = get_map(&mut buf, count)?;
+            let mut headers = get_map(&mut buf, count)?;
+            // Room to spare, as the entry had when it was made (a hit replaces two values).
+            headers.reserve(4);
             let trailers = match u16_(&mut buf)? {
                 u16::MAX => None,
                 count => Some(get_map(&mut buf, count)?),
@@ -172,6 +174,7 @@ pub(crate) fn decode(mut buf: Bytes) -> Option<Stored> {
                 stored_at,
                 freshness,
                 tags,
+                last_hit: Default::default(),
             })))
         }
         1 => {
@@ -324,6 +327,7 @@ mod tests {
                 must_revalidate: true,
             },
             tags: vec![("product-7".into(), 3)],
+            last_hit: Default::default(),
         }));
         let Some(Stored::Response(back)) = decode(encode(&entry)) else {
             panic!("did not round-trip")
