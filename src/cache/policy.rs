@@ -81,9 +81,14 @@ impl CacheControl {
     /// Parses the `Cache-Control` lines of a request. With no `Cache-Control` line at all,
     /// `Pragma: no-cache` counts as `no-cache` (RFC 9111 §5.4).
     pub(crate) fn parse(headers: &HeaderMap) -> Self {
-        if !headers.contains_key(CACHE_CONTROL) {
+        Self::parse_request(headers, Present::of(headers))
+    }
+
+    /// [`parse`](Self::parse), knowing which of the headers it reads are `present`.
+    pub(crate) fn parse_request(headers: &HeaderMap, present: Present) -> Self {
+        if !present.cache_control {
             return Self {
-                no_cache: pragma_no_cache(headers),
+                no_cache: present.pragma && pragma_no_cache(headers),
                 ..Self::default()
             };
         }
@@ -330,26 +335,62 @@ impl RequestVerdict {
 /// headers; RFC 9111 §3.5 names `Authorization` only, `Cookie` is the same risk).
 pub(crate) fn request_verdict(
     method: &Method,
-    headers: &HeaderMap,
+    present: Present,
     cc: &CacheControl,
     settings: &Settings,
 ) -> RequestVerdict {
     if method != Method::GET && method != Method::HEAD {
         return RequestVerdict::Bypass("method");
     }
-    if headers.contains_key(UPGRADE) {
+    if present.upgrade {
         return RequestVerdict::Bypass("upgrade");
     }
     if cc.no_store {
         return RequestVerdict::Bypass("no-store");
     }
-    if has_credentials(headers) && !settings.per_principal {
+    if present.credentials && !settings.per_principal {
         return RequestVerdict::Credentialed;
     }
     if cc.no_cache || cc.max_age == Some(0) {
         return RequestVerdict::Refresh;
     }
     RequestVerdict::Lookup
+}
+
+/// Which of the request headers the cache decides on are there, found in one pass over
+/// the names of a request's handful of headers (cheaper than a lookup for each).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Present {
+    upgrade: bool,
+    credentials: bool,
+    cache_control: bool,
+    pragma: bool,
+}
+
+impl Present {
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        if headers.keys_len() > 16 {
+            return Self {
+                upgrade: headers.contains_key(UPGRADE),
+                credentials: has_credentials(headers),
+                cache_control: headers.contains_key(CACHE_CONTROL),
+                pragma: headers.contains_key(PRAGMA),
+            };
+        }
+        let mut present = Self::default();
+        for name in headers.keys() {
+            if *name == CACHE_CONTROL {
+                present.cache_control = true;
+            } else if *name == PRAGMA {
+                present.pragma = true;
+            } else if *name == AUTHORIZATION || *name == COOKIE {
+                present.credentials = true;
+            } else if *name == UPGRADE {
+                present.upgrade = true;
+            }
+        }
+        present
+    }
 }
 
 fn has_credentials(headers: &HeaderMap) -> bool {
@@ -1188,6 +1229,41 @@ mod tests {
     }
 
     #[test]
+    fn present_headers_are_found_with_few_or_many_headers() {
+        for extra in [0, 30] {
+            let mut h = HeaderMap::new();
+            for i in 0..extra {
+                h.insert(
+                    HeaderName::from_bytes(format!("x-extra-{i}").as_bytes()).unwrap(),
+                    HeaderValue::from_static("1"),
+                );
+            }
+            let settings = SHARED;
+            let verdict = |h: &HeaderMap| {
+                request_verdict(
+                    &Method::GET,
+                    Present::of(h),
+                    &CacheControl::parse(h),
+                    &settings,
+                )
+            };
+            assert_eq!(verdict(&h), RequestVerdict::Lookup, "{extra}");
+            h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
+            assert_eq!(verdict(&h), RequestVerdict::Refresh, "{extra}");
+            h.insert(CACHE_CONTROL, HeaderValue::from_static("max-age=5"));
+            assert_eq!(
+                verdict(&h),
+                RequestVerdict::Lookup,
+                "{extra}: Cache-Control wins"
+            );
+            h.insert(COOKIE, HeaderValue::from_static("a=1"));
+            assert_eq!(verdict(&h), RequestVerdict::Credentialed, "{extra}");
+            h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+            assert_eq!(verdict(&h), RequestVerdict::Bypass("upgrade"), "{extra}");
+        }
+    }
+
+    #[test]
     fn first_duplicate_wins_even_when_malformed() {
         assert_eq!(cc(&["max-age=10, max-age=20"]).max_age, Some(10));
         assert_eq!(cc(&["max-age=10", "max-age=20"]).max_age, Some(10));
@@ -1224,7 +1300,8 @@ mod tests {
 
     fn verdict(method: Method, pairs: &[(&str, &str)], s: &Settings) -> RequestVerdict {
         let headers = headers(pairs);
-        request_verdict(&method, &headers, &CacheControl::parse(&headers), s)
+        let present = Present::of(&headers);
+        request_verdict(&method, present, &CacheControl::parse(&headers), s)
     }
 
     #[test]

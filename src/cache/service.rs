@@ -17,7 +17,7 @@ use super::body::{CacheBody, Capture, CaptureBody};
 use super::future::ResponseFuture;
 use super::key::{Key, KeyRules, primary, variant};
 use super::policy::{
-    self, CacheControl, RequestVerdict, Settings, Staleness, Storable, cache_status,
+    self, CacheControl, Present, RequestVerdict, Settings, Staleness, Storable, cache_status,
 };
 use super::store::{Entry, Hit, Store, Stored};
 use crate::annotate::{Annotation, CacheNote, CacheStatus};
@@ -497,8 +497,9 @@ async fn wait_for_remote_fill(
 
 /// A fresh entry for `req` from a store that answers without waiting, if there is one.
 fn fresh_hit_now<B, R: Body>(shared: &Arc<Shared>, req: &Request<B>) -> Option<Answer<R>> {
-    let request_cc = CacheControl::parse(req.headers());
-    if policy::request_verdict(req.method(), req.headers(), &request_cc, &shared.settings)
+    let present = Present::of(req.headers());
+    let request_cc = CacheControl::parse_request(req.headers(), present);
+    if policy::request_verdict(req.method(), present, &request_cc, &shared.settings)
         != RequestVerdict::Lookup
     {
         return None;
@@ -621,9 +622,10 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         ResponseFuture::pending(Box::pin(async move {
-            let request_cc = CacheControl::parse(req.headers());
+            let present = Present::of(req.headers());
+            let request_cc = CacheControl::parse_request(req.headers(), present);
             let verdict =
-                policy::request_verdict(req.method(), req.headers(), &request_cc, &shared.settings);
+                policy::request_verdict(req.method(), present, &request_cc, &shared.settings);
             let principal = shared
                 .settings
                 .per_principal
