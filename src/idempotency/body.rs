@@ -68,7 +68,9 @@ impl Lease {
                             Ok(true) => {}
                             Ok(false) => {
                                 tracing::warn!(
-                                    "battlement::idempotency: a running request lost its claim                                      (it was released, or expired while the store was                                      unreachable); its response will not be stored"
+                                    "battlement::idempotency: a running request lost its claim (it was released, or \
+                                     expired while the store was unreachable); its response \
+                                     will not be stored"
                                 );
                                 return;
                             }
