@@ -5,6 +5,11 @@
 //! runtime, building a fresh `Request<()>` per iteration (every variant pays for that, the
 //! bare service included), so `battlement/x - bare/x` is the layer's own cost.
 //!
+//! `battlement` is the layer in its native body mode (`native_body()`: it answers
+//! `Response<Body>`, as tower_governor does); `battlement_wrapped` is the default mode, whose
+//! responses carry `ResponseBody<Body>`. `router_global` mounts each on an axum `Router`
+//! with `Router::layer`, as an application does.
+//!
 //! - `global`: one key for every request (`Global` / `GlobalKeyExtractor`);
 //! - `peer_ip`: the peer address from axum's `ConnectInfo<SocketAddr>`, one client
 //!   (`ClientIp` / `PeerIpKeyExtractor`; needs battlement's `axum` feature);
@@ -163,14 +168,16 @@ fn compare<X, G>(
     addrs: &[SocketAddr],
     expect_keys: usize,
 ) where
-    X: battlement::KeyExtractor,
+    X: battlement::KeyExtractor + Clone,
     G: tower_governor::key_extractor::KeyExtractor,
 {
     let bare = service_fn(ok);
 
+    // Native body mode: answers `Response<Body>`, as tower_governor does.
     let ours = RateLimitLayer::builder()
         .policy("bench", quota())
-        .key(battlement_key)
+        .key(battlement_key.clone())
+        .native_body()
         .build()
         .expect("valid quota");
     let ours_svc = ours.layer(service_fn(ok));
@@ -180,6 +187,14 @@ fn compare<X, G>(
         expect_keys,
         "battlement/{variant}: tracked keys"
     );
+    // The default body mode: answers `Response<ResponseBody<Body>>`.
+    let wrapped = RateLimitLayer::builder()
+        .policy("bench", quota())
+        .key(battlement_key)
+        .build()
+        .expect("valid quota");
+    let wrapped_svc = wrapped.layer(service_fn(ok));
+    check_allows(rt, "battlement_wrapped", wrapped_svc.clone(), addrs);
 
     let config = governor_config(governor_key);
     let governor_svc = GovernorLayer::<_, _, Body>::new(config.clone()).layer(service_fn(ok));
@@ -192,6 +207,7 @@ fn compare<X, G>(
 
     bench(c, rt, "bare", variant, bare, addrs);
     bench(c, rt, "battlement", variant, ours_svc, addrs);
+    bench(c, rt, "battlement_wrapped", variant, wrapped_svc, addrs);
     bench(c, rt, "tower_governor", variant, governor_svc, addrs);
 }
 
@@ -212,6 +228,43 @@ fn peers(n: usize) -> Vec<SocketAddr> {
 fn global(c: &mut Criterion) {
     let rt = runtime();
     compare(c, &rt, "global", Global, GlobalKeyExtractor, &[], 1);
+}
+
+/// The same quota and global key on an axum `Router` (`Router::layer`), as an application
+/// mounts it: axum turns each layer's response into its own `Response<Body>`.
+fn router(c: &mut Criterion) {
+    use axum::Router;
+    use axum::routing::get;
+
+    let rt = runtime();
+    let app = || Router::new().route("/", get(|| async { "" }));
+    let layer = || {
+        RateLimitLayer::builder()
+            .policy("bench", quota())
+            .key(Global)
+    };
+    let native = layer().native_body().build().expect("valid quota");
+    let wrapped = layer().build().expect("valid quota");
+    let variants = [
+        ("bare", app()),
+        ("battlement", app().layer(native)),
+        ("battlement_wrapped", app().layer(wrapped)),
+        (
+            "tower_governor",
+            app().layer(GovernorLayer::<_, _, Body>::new(governor_config(
+                GlobalKeyExtractor,
+            ))),
+        ),
+    ];
+    for (name, router) in variants {
+        let svc = router.map_request(|req: Request<()>| {
+            let (mut parts, ()) = req.into_parts();
+            parts.uri = http::Uri::from_static("/");
+            Request::from_parts(parts, Body::empty())
+        });
+        check_allows(&rt, name, svc.clone(), &[]);
+        bench(c, &rt, name, "router_global", svc, &[]);
+    }
 }
 
 #[cfg(feature = "axum")]
@@ -256,6 +309,6 @@ criterion_group! {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(50);
-    targets = global, peer_ip
+    targets = global, router, peer_ip
 }
 criterion_main!(benches);

@@ -504,6 +504,8 @@ impl Backend {
         S: Clone + Send + Sync + 'static,
         X: battlement::key::KeyExtractor + Clone,
     {
+        // axum's own body type in and out: nothing for `Router::layer` to box again.
+        let builder = builder.native_body();
         #[cfg(feature = "redis")]
         if let Some(store) = &self.redis {
             let layer = builder

@@ -175,6 +175,74 @@ where
     }
 }
 
+/// How a layer that may answer by itself types the bodies of its responses.
+///
+/// [`Wrapped`] (the default) answers with [`ResponseBody<B>`], which fits any inner body
+/// `B`: axum's, hyper's and tonic's alike. [`Native`] answers with `B` itself, for bodies
+/// that can be made from [`Bytes`] (axum's `Body`, `http_body_util::Full<Bytes>`): passing
+/// responses then go through untouched, with no wrapper to move, and axum's `Router::layer`
+/// has nothing to box again. The rate limiter offers the choice
+/// (`RateLimitBuilder::native_body`).
+///
+/// ```
+/// use battlement::body::{BodyMode, Native, ResponseBody, Wrapped};
+/// use bytes::Bytes;
+/// use http::Response;
+/// use http_body_util::Full;
+///
+/// let made = Response::new(Bytes::from_static(b"refused"));
+/// let native: Response<Full<Bytes>> = <Native as BodyMode<Full<Bytes>>>::own(made.clone());
+/// let wrapped: Response<ResponseBody<Full<Bytes>>> =
+///     <Wrapped as BodyMode<Full<Bytes>>>::own(made);
+/// assert!(!wrapped.body().is_inner());
+/// # let _ = native;
+/// ```
+pub trait BodyMode<B> {
+    /// The body type of the layer's responses.
+    type Body;
+    /// A response of the inner service, passed on.
+    fn pass(response: http::Response<B>) -> http::Response<Self::Body>;
+    /// A response the layer made itself, its body in memory.
+    fn own(response: http::Response<Bytes>) -> http::Response<Self::Body>;
+}
+
+/// The default [`BodyMode`]: responses carry [`ResponseBody<B>`], whatever `B` is.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Wrapped;
+
+/// The [`BodyMode`] that keeps the inner service's body type `B` (which must be
+/// `From<Bytes>`): nothing wraps a passing response.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Native;
+
+impl<B> BodyMode<B> for Wrapped {
+    type Body = ResponseBody<B>;
+
+    #[inline]
+    fn pass(response: http::Response<B>) -> http::Response<ResponseBody<B>> {
+        response.map(ResponseBody::inner)
+    }
+
+    #[inline]
+    fn own(response: http::Response<Bytes>) -> http::Response<ResponseBody<B>> {
+        response.map(ResponseBody::full)
+    }
+}
+
+impl<B: From<Bytes>> BodyMode<B> for Native {
+    type Body = B;
+
+    #[inline(always)]
+    fn pass(response: http::Response<B>) -> http::Response<B> {
+        response
+    }
+
+    #[inline]
+    fn own(response: http::Response<Bytes>) -> http::Response<B> {
+        response.map(B::from)
+    }
+}
+
 /// The request body handed on by a layer that may read the body first (`validate`,
 /// `idempotency`): the client's body untouched when the layer did not read it, or the bytes
 /// (and trailers) it read. The same type as [`ResponseBody`], so the inner service takes

@@ -53,10 +53,10 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
     /// Adds a [`RateLimitLayer`](crate::rate_limit::RateLimitLayer). (Not `rate_limit`:
     /// tower's `ServiceBuilder` has an inherent method of that name, which would win.)
     #[cfg(feature = "rate-limit")]
-    fn limit_requests<X, Bk>(
+    fn limit_requests<X, Bk, M>(
         self,
-        layer: crate::rate_limit::RateLimitLayer<X, Bk>,
-    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer<X, Bk>, L>>;
+        layer: crate::rate_limit::RateLimitLayer<X, Bk, M>,
+    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer<X, Bk, M>, L>>;
 
     /// Adds an [`AuthLayer`](crate::auth::AuthLayer).
     #[cfg(feature = "auth")]
@@ -112,10 +112,10 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     }
 
     #[cfg(feature = "rate-limit")]
-    fn limit_requests<X, Bk>(
+    fn limit_requests<X, Bk, M>(
         self,
-        layer: crate::rate_limit::RateLimitLayer<X, Bk>,
-    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer<X, Bk>, L>> {
+        layer: crate::rate_limit::RateLimitLayer<X, Bk, M>,
+    ) -> ServiceBuilder<Stack<crate::rate_limit::RateLimitLayer<X, Bk, M>, L>> {
         self.layer(layer)
     }
 

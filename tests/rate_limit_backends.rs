@@ -644,3 +644,45 @@ async fn memory_layer_stays_bounded_under_key_floods() {
     );
     assert_eq!(a.note().source, LimitSource::Memory);
 }
+
+/// The native body mode on Redis: the check waits on Redis (the layer's slower path), and
+/// both the passed response and the refusal carry the handler's own body type.
+#[tokio::test]
+async fn native_body_on_redis_passes_and_refuses_with_the_inner_body_type() {
+    let server = RedisServer::start();
+    let store = connect(RedisConfig::single(server.url())).await;
+    let layer = builder("native")
+        .policy("burst", Quota::requests_per(2, Duration::from_secs(60)))
+        .native_body()
+        .backend(RedisBackend::new(store).on_failure(FailurePolicy::Closed))
+        .build()
+        .expect("valid layer");
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }));
+    for i in 0..3 {
+        let req = Request::builder()
+            .uri("/thing")
+            .header(KEY, "k")
+            .body(())
+            .unwrap();
+        // The response body is the handler's `Full<Bytes>`: no wrapper.
+        let res: Response<Full<Bytes>> = svc.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        if i < 2 {
+            assert_eq!(
+                (status, &body[..]),
+                (StatusCode::OK, &b"ok"[..]),
+                "request {i}"
+            );
+        } else {
+            assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+            let doc: serde_json::Value = serde_json::from_slice(&body).expect("problem+json");
+            assert_eq!(doc["status"], 429);
+            assert_eq!(doc["violated-policies"], serde_json::json!(["burst"]));
+        }
+    }
+}

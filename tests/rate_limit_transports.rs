@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
+use battlement::body::BodyMode;
 use battlement::key::{ClientIp, Header, KeyExtractor, PeerAddr};
 use battlement::rate_limit::{MemoryBackend, Quota, RateLimitLayer};
 use bytes::Bytes;
@@ -219,6 +220,36 @@ async fn axum_refuses_after_quota_with_problem_json_and_ratelimit_headers() {
     assert_eq!(layer.backend().tracked_keys(), 2);
 }
 
+/// The native body mode on an axum router: the layer's service answers axum's own
+/// `Response<Body>` (checked at compile time), and refusals are the same problem+json.
+#[tokio::test]
+async fn axum_native_body_passes_axum_responses_and_refuses_the_same_way() {
+    use axum::body::Body;
+    use tower::{Layer, Service};
+
+    let layer = RateLimitLayer::builder()
+        .policy("burst", quota())
+        .key(ClientIp::new())
+        .native_body()
+        .build()
+        .unwrap();
+    fn answers_axum_body<S: Service<Request<Body>, Response = Response<Body>>>(_: &S) {}
+    answers_axum_body(&layer.layer(Router::new().route("/", get(|| async { "hi" }))));
+
+    let app = Router::new()
+        .route("/hello", get(|| async { "hello" }))
+        .layer(layer.clone());
+    let addr = serve_axum(app).await;
+    let client = client();
+    for i in 0..3 {
+        let reply = get_path(&client, addr, "/hello").await;
+        assert_eq!(reply.status, StatusCode::OK, "request {i}");
+        assert_eq!(reply.body, "hello", "the handler's body, request {i}");
+    }
+    assert_refused(&get_path(&client, addr, "/hello").await);
+    assert_eq!(layer.backend().tracked_keys(), 1);
+}
+
 #[tokio::test]
 async fn axum_headers_on_success_count_down() {
     let layer = RateLimitLayer::builder()
@@ -307,9 +338,14 @@ async fn hello(_req: Request<hyper::body::Incoming>) -> Result<Response<Full<Byt
 
 /// Serves `layer` around [`hello`] with a hand-written hyper accept loop that records each
 /// connection's peer address as a [`PeerAddr`] extension.
-async fn serve_hyper<X: KeyExtractor>(
-    layer: RateLimitLayer<X, MemoryBackend<X::Key>>,
-) -> SocketAddr {
+async fn serve_hyper<X: KeyExtractor, M>(
+    layer: RateLimitLayer<X, MemoryBackend<X::Key>, M>,
+) -> SocketAddr
+where
+    M: BodyMode<Full<Bytes>> + Send + 'static,
+    M::Body: http_body::Body<Data = Bytes> + Send + 'static,
+    <M::Body as http_body::Body>::Error: std::error::Error + Send + Sync,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -373,6 +409,28 @@ async fn hyper_limits_each_api_key_independently() {
         assert_eq!(reply.status, StatusCode::OK, "keyless request {i}");
     }
     assert_eq!(layer.backend().tracked_keys(), 2);
+}
+
+/// The native body mode on hyper: [`hello`]'s `Full<Bytes>` is the response body type,
+/// refusals included.
+#[tokio::test]
+async fn hyper_native_body_refuses_with_the_handlers_body_type() {
+    let layer = RateLimitLayer::builder()
+        .policy("burst", quota())
+        .key(ClientIp::new())
+        .headers_on_success(true)
+        .native_body()
+        .build()
+        .unwrap();
+    let addr = serve_hyper(layer.clone()).await;
+    let client = client();
+    for i in 0..3u64 {
+        let reply = get_path(&client, addr, "/").await;
+        assert_eq!(reply.status, StatusCode::OK, "request {i}");
+        assert_eq!(reply.body, "hello");
+        assert_eq!(parse_ratelimit(reply.header("ratelimit")).0, 2 - i);
+    }
+    assert_refused(&get_path(&client, addr, "/").await);
 }
 
 #[tokio::test]

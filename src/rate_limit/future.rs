@@ -1,6 +1,7 @@
 //! The [`ResponseFuture`] of the [`super::RateLimit`] service.
 
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -12,7 +13,7 @@ use tower_service::Service;
 
 use super::gcra::CheckFuture;
 use super::{Outcome, Settings};
-use crate::body::ResponseBody;
+use crate::body::BodyMode;
 use crate::key::RequestHead;
 
 pub(crate) type RateLimitHeaders = (HeaderValue, HeaderValue);
@@ -61,12 +62,13 @@ where
 
 pin_project! {
     /// The response future of [`super::RateLimit`].
-    pub struct ResponseFuture<S, ReqBody>
+    pub struct ResponseFuture<S, ReqBody, M = crate::body::Wrapped>
     where
         S: Service<Request<ReqBody>>,
     {
         #[pin]
         state: State<S, ReqBody>,
+        mode: PhantomData<fn() -> M>,
     }
 }
 
@@ -96,7 +98,7 @@ pin_project! {
     }
 }
 
-impl<S, ReqBody> ResponseFuture<S, ReqBody>
+impl<S, ReqBody, M> ResponseFuture<S, ReqBody, M>
 where
     S: Service<Request<ReqBody>>,
 {
@@ -104,6 +106,7 @@ where
     pub(crate) fn pass(future: S::Future) -> Self {
         Self {
             state: State::Inner { future },
+            mode: PhantomData,
         }
     }
 
@@ -111,6 +114,7 @@ where
     pub(crate) fn inner(future: S::Future, headers: Option<Box<RateLimitHeaders>>) -> Self {
         Self {
             state: State::new_inner(future, headers),
+            mode: PhantomData,
         }
     }
 
@@ -119,6 +123,7 @@ where
             state: State::Refused {
                 response: Some(response),
             },
+            mode: PhantomData,
         }
     }
 
@@ -137,15 +142,17 @@ where
                     settings,
                 }),
             },
+            mode: PhantomData,
         }
     }
 }
 
-impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
+impl<S, ReqBody, ResBody, M> Future for ResponseFuture<S, ReqBody, M>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    M: BodyMode<ResBody>,
 {
-    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+    type Output = Result<Response<M::Body>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -156,9 +163,7 @@ where
                     this.state.set(next);
                 }
                 StateProj::Inner { future } => {
-                    return future
-                        .poll(cx)
-                        .map_ok(|response| response.map(ResponseBody::inner));
+                    return future.poll(cx).map_ok(M::pass);
                 }
                 StateProj::InnerWithHeaders { future, headers } => {
                     let mut response = ready!(future.poll(cx))?;
@@ -168,13 +173,13 @@ where
                         h.append(super::RATELIMIT_POLICY, policy);
                         h.append(super::RATELIMIT, limit);
                     }
-                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                    return Poll::Ready(Ok(M::pass(response)));
                 }
                 StateProj::Refused { response } => {
                     let response = response
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    return Poll::Ready(Ok((*response).map(ResponseBody::full)));
+                    return Poll::Ready(Ok(M::own(*response)));
                 }
             }
         }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::hash::Hash;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use tower_layer::Layer;
@@ -11,6 +12,7 @@ use super::memory::{Clock, DEFAULT_MAX_KEYS, MemoryBackend};
 use super::policy::{Policies, Quota};
 use super::service::RateLimit;
 use super::{ConfigError, Settings};
+use crate::body::{Native, Wrapped};
 use crate::key::{ClientIp, ClientKey, KeyExtractor, RequestHead};
 
 pub(crate) type CostFn = Box<dyn Fn(&RequestHead<'_>) -> u32 + Send + Sync>;
@@ -25,20 +27,24 @@ pub(crate) struct Shared<X, Bk> {
 /// Applies rate-limit policies to every request. Build it with [`RateLimitLayer::builder`].
 ///
 /// The state (the backend and its table) is built once, here; every service this layer
-/// makes, and every clone of the layer, shares it.
-pub struct RateLimitLayer<X = ClientIp, Bk = MemoryBackend<ClientKey>> {
+/// makes, and every clone of the layer, shares it. `M` is the
+/// [`BodyMode`](crate::body::BodyMode) of its responses (see
+/// [`RateLimitBuilder::native_body`]).
+pub struct RateLimitLayer<X = ClientIp, Bk = MemoryBackend<ClientKey>, M = Wrapped> {
     shared: Arc<Shared<X, Bk>>,
+    mode: PhantomData<fn() -> M>,
 }
 
-impl<X, Bk> Clone for RateLimitLayer<X, Bk> {
+impl<X, Bk, M> Clone for RateLimitLayer<X, Bk, M> {
     fn clone(&self) -> Self {
         Self {
             shared: self.shared.clone(),
+            mode: PhantomData,
         }
     }
 }
 
-impl<X, Bk> fmt::Debug for RateLimitLayer<X, Bk> {
+impl<X, Bk, M> fmt::Debug for RateLimitLayer<X, Bk, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayer")
             .field("name", &self.shared.settings.name)
@@ -51,6 +57,7 @@ impl RateLimitLayer {
     /// Starts a builder: keyed by [`ClientIp`] (trusting no proxy), in memory, no policy yet.
     pub fn builder() -> RateLimitBuilder<ClientIp, DefaultBackend> {
         RateLimitBuilder {
+            mode: PhantomData,
             name: Arc::from("rate_limit"),
             policies: Vec::new(),
             extractor: ClientIp::new(),
@@ -66,7 +73,7 @@ impl RateLimitLayer {
     }
 }
 
-impl<X, Bk> RateLimitLayer<X, Bk> {
+impl<X, Bk, M> RateLimitLayer<X, Bk, M> {
     /// The backend (to inspect it, for example `MemoryBackend::tracked_keys`).
     pub fn backend(&self) -> &Bk {
         &self.shared.backend
@@ -78,8 +85,8 @@ impl<X, Bk> RateLimitLayer<X, Bk> {
     }
 }
 
-impl<S, X, Bk> Layer<S> for RateLimitLayer<X, Bk> {
-    type Service = RateLimit<S, X, Bk>;
+impl<S, X, Bk, M> Layer<S> for RateLimitLayer<X, Bk, M> {
+    type Service = RateLimit<S, X, Bk, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
         RateLimit::new(inner, self.shared.clone())
@@ -124,7 +131,8 @@ impl<K, B: Backend<K>> BackendChoice<K> for Chosen<B> {
 /// Builds a [`RateLimitLayer`]. Every setting has a default except the policies: add at
 /// least one with [`policy`](Self::policy).
 #[must_use]
-pub struct RateLimitBuilder<X, Bk> {
+pub struct RateLimitBuilder<X, Bk, M = Wrapped> {
+    mode: PhantomData<fn() -> M>,
     name: Arc<str>,
     policies: Vec<(Arc<str>, Quota)>,
     extractor: X,
@@ -138,7 +146,7 @@ pub struct RateLimitBuilder<X, Bk> {
     headers_on_success: bool,
 }
 
-impl<X: fmt::Debug, Bk: fmt::Debug> fmt::Debug for RateLimitBuilder<X, Bk> {
+impl<X: fmt::Debug, Bk: fmt::Debug, M> fmt::Debug for RateLimitBuilder<X, Bk, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitBuilder")
             .field("name", &self.name)
@@ -149,7 +157,7 @@ impl<X: fmt::Debug, Bk: fmt::Debug> fmt::Debug for RateLimitBuilder<X, Bk> {
     }
 }
 
-impl<X, Bk> RateLimitBuilder<X, Bk> {
+impl<X, Bk, M> RateLimitBuilder<X, Bk, M> {
     /// Names the layer (default `rate_limit`): it appears in annotations, and namespaces
     /// the layer's Redis keys, so two layers on one Redis need different names.
     pub fn name(mut self, name: &str) -> Self {
@@ -166,21 +174,47 @@ impl<X, Bk> RateLimitBuilder<X, Bk> {
 
     /// Keys requests with `extractor` (default [`ClientIp`], trusting no proxy). Requests
     /// for which it has no key pass unlimited.
-    pub fn key<X2: KeyExtractor>(self, extractor: X2) -> RateLimitBuilder<X2, Bk> {
+    pub fn key<X2: KeyExtractor>(self, extractor: X2) -> RateLimitBuilder<X2, Bk, M> {
         self.rebuild(|_| extractor, |backend| backend)
     }
 
     /// Keeps the state in `backend` (for example `RedisBackend`) instead of memory.
-    pub fn backend<B2>(self, backend: B2) -> RateLimitBuilder<X, Chosen<B2>> {
+    pub fn backend<B2>(self, backend: B2) -> RateLimitBuilder<X, Chosen<B2>, M> {
         self.rebuild(|extractor| extractor, |_| Chosen(backend))
     }
 
-    fn rebuild<X2, B2>(
+    /// Answers with the inner service's own body type instead of
+    /// [`ResponseBody`](crate::body::ResponseBody) (the [`Native`] body mode): the body must
+    /// be `From<Bytes>`, as axum's `Body` and `http_body_util::Full<Bytes>` are (tonic's is
+    /// not: keep the default there). An allowed response then passes through untouched,
+    /// and axum's `Router::layer` has no wrapper to box again; refusals are made with
+    /// `From<Bytes>`.
+    ///
+    /// ```
+    /// # #[cfg(feature = "axum")] {
+    /// use std::time::Duration;
+    /// use axum::{Router, routing::get};
+    /// use battlement::rate_limit::{Quota, RateLimitLayer};
+    ///
+    /// let limit = RateLimitLayer::builder()
+    ///     .policy("per-second", Quota::requests_per(10, Duration::from_secs(1)))
+    ///     .native_body()
+    ///     .build()
+    ///     .unwrap();
+    /// let app: Router = Router::new().route("/", get(|| async { "ok" })).layer(limit);
+    /// # }
+    /// ```
+    pub fn native_body(self) -> RateLimitBuilder<X, Bk, Native> {
+        self.rebuild(|extractor| extractor, |backend| backend)
+    }
+
+    fn rebuild<X2, B2, M2>(
         self,
         extractor: impl FnOnce(X) -> X2,
         backend: impl FnOnce(Bk) -> B2,
-    ) -> RateLimitBuilder<X2, B2> {
+    ) -> RateLimitBuilder<X2, B2, M2> {
         RateLimitBuilder {
+            mode: PhantomData,
             name: self.name,
             policies: self.policies,
             extractor: extractor(self.extractor),
@@ -244,7 +278,7 @@ impl<X, Bk> RateLimitBuilder<X, Bk> {
     }
 
     /// Checks the configuration and builds the layer and its state.
-    pub fn build(self) -> Result<RateLimitLayer<X, Bk::Backend>, ConfigError>
+    pub fn build(self) -> Result<RateLimitLayer<X, Bk::Backend, M>, ConfigError>
     where
         X: KeyExtractor,
         Bk: BackendChoice<X::Key>,
@@ -271,6 +305,7 @@ impl<X, Bk> RateLimitBuilder<X, Bk> {
             headers_on_success: self.headers_on_success,
         });
         Ok(RateLimitLayer {
+            mode: PhantomData,
             shared: Arc::new(Shared {
                 extractor: self.extractor,
                 backend: self

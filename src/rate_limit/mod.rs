@@ -21,6 +21,12 @@
 //!   for when Redis is gone.
 //! - Each decision goes into the request's [`crate::annotate::Annotation`], when there is
 //!   one.
+//! - **Body type**: responses carry [`ResponseBody`](crate::body::ResponseBody) of the
+//!   inner body by default, which fits axum, hyper and tonic alike. With
+//!   [`native_body`](RateLimitBuilder::native_body) they carry the inner body type itself
+//!   (axum's `Body`, `Full<Bytes>`: any body that is `From<Bytes>`): allowed responses pass
+//!   untouched, which is the cheapest the layer can be (and on an axum `Router`, saves
+//!   axum boxing the wrapper again).
 //!
 //! ```
 //! use battlement::rate_limit::{Quota, RateLimitLayer};

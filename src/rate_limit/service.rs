@@ -1,6 +1,7 @@
 //! The [`RateLimit`] service.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -14,18 +15,24 @@ use super::gcra::{Backend, Check, CheckFuture, PoliciesRef};
 use super::layer::Shared;
 use super::{Outcome, Settings};
 use crate::annotate::Annotation;
-use crate::body::ResponseBody;
+use crate::body::{BodyMode, Wrapped};
 use crate::key::{KeyExtractor, RequestHead};
 
-/// Rate-limits requests to the inner service. Made by [`super::RateLimitLayer`].
-pub struct RateLimit<S, X, Bk> {
+/// Rate-limits requests to the inner service. Made by [`super::RateLimitLayer`]; `M` is
+/// its [`BodyMode`].
+pub struct RateLimit<S, X, Bk, M = Wrapped> {
     inner: S,
     shared: Arc<Shared<X, Bk>>,
+    mode: PhantomData<fn() -> M>,
 }
 
-impl<S, X, Bk> RateLimit<S, X, Bk> {
+impl<S, X, Bk, M> RateLimit<S, X, Bk, M> {
     pub(crate) fn new(inner: S, shared: Arc<Shared<X, Bk>>) -> Self {
-        Self { inner, shared }
+        Self {
+            inner,
+            shared,
+            mode: PhantomData,
+        }
     }
 
     /// The inner service.
@@ -34,16 +41,17 @@ impl<S, X, Bk> RateLimit<S, X, Bk> {
     }
 }
 
-impl<S: Clone, X, Bk> Clone for RateLimit<S, X, Bk> {
+impl<S: Clone, X, Bk, M> Clone for RateLimit<S, X, Bk, M> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            mode: PhantomData,
         }
     }
 }
 
-impl<S: fmt::Debug, X, Bk> fmt::Debug for RateLimit<S, X, Bk> {
+impl<S: fmt::Debug, X, Bk, M> fmt::Debug for RateLimit<S, X, Bk, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimit")
             .field("inner", &self.inner)
@@ -60,15 +68,16 @@ fn is_preflight(head: &RequestHead<'_>) -> bool {
             .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
-impl<S, X, Bk, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, X, Bk>
+impl<S, X, Bk, M, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, X, Bk, M>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     X: KeyExtractor,
     Bk: Backend<X::Key>,
+    M: BodyMode<ResBody>,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<M::Body>;
     type Error = S::Error;
-    type Future = ResponseFuture<S, ReqBody>;
+    type Future = ResponseFuture<S, ReqBody, M>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -86,7 +95,7 @@ where
     }
 }
 
-impl<S: Clone, X, Bk> RateLimit<S, X, Bk> {
+impl<S: Clone, X, Bk, M> RateLimit<S, X, Bk, M> {
     /// The Redis path: the inner service that was driven to readiness goes into the
     /// future; a fresh clone stays here for the next call.
     #[cold]
@@ -95,7 +104,7 @@ impl<S: Clone, X, Bk> RateLimit<S, X, Bk> {
         &mut self,
         check: CheckFuture,
         req: Request<ReqBody>,
-    ) -> ResponseFuture<S, ReqBody>
+    ) -> ResponseFuture<S, ReqBody, M>
     where
         S: Service<Request<ReqBody>>,
     {
