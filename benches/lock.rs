@@ -3,7 +3,8 @@
 //!
 //! - `lock/uncontended`: one acquire + release of a free lock, on a current-thread runtime
 //!   (no cross-thread wakeups in the measurement): memory, one Redis, Redlock over three
-//!   nodes, and `rslock` on one and three nodes.
+//!   nodes, the same two with `fencing(false)` (`_unfenced`: a plain `SET NX PX`, no token,
+//!   which is what `rslock` does), and `rslock` on one and three nodes.
 //! - `lock/contended` (on a 2-worker runtime): 16 tasks take turns on one name, 4 times each (64 lock-unlock
 //!   cycles per iteration): battlement woken by release notifications, battlement polling
 //!   only (its default backoff, 5 ms to 250 ms, jittered), and `rslock`'s `acquire`
@@ -91,15 +92,18 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let (memory, single, redlock) = local.block_on(async {
+    let (memory, single, redlock, single_unfenced, redlock_unfenced) = local.block_on(async {
         let mut stores = Vec::new();
         for s in &servers {
             stores.push(store(s).await);
         }
+        let unfenced = || LockManager::builder().fencing(false);
         (
             LockManager::memory(),
             LockManager::redis(stores[0].clone()),
-            LockManager::redlock(stores).unwrap(),
+            LockManager::redlock(stores.clone()).unwrap(),
+            unfenced().redis(stores[0].clone()),
+            unfenced().redlock(stores).unwrap(),
         )
     });
     let (rs_single_local, rs_three_local) = (
@@ -111,6 +115,8 @@ fn bench(c: &mut Criterion) {
         ("battlement_memory", &memory),
         ("battlement_redis", &single),
         ("battlement_redlock3", &redlock),
+        ("battlement_redis_unfenced", &single_unfenced),
+        ("battlement_redlock3_unfenced", &redlock_unfenced),
     ] {
         group.bench_function(name, |b| {
             b.to_async(&local).iter(|| async {

@@ -29,6 +29,17 @@ struct Resource {
 /// Many tasks spread over `managers` (as replicas) each do a read-modify-write in the
 /// critical section; no update may be lost and fencing tokens must strictly increase.
 async fn mutual_exclusion(managers: Vec<LockManager>, tasks_per_manager: usize, rounds: usize) {
+    mutual_exclusion_with(managers, tasks_per_manager, rounds, true).await
+}
+
+/// [`mutual_exclusion`]; `fenced: false` checks that every token is `FencingToken::NONE`
+/// instead of increasing.
+async fn mutual_exclusion_with(
+    managers: Vec<LockManager>,
+    tasks_per_manager: usize,
+    rounds: usize,
+    fenced: bool,
+) {
     let resource = Arc::new(Resource::default());
     let mut handles = Vec::new();
     for manager in &managers {
@@ -44,10 +55,14 @@ async fn mutual_exclusion(managers: Vec<LockManager>, tasks_per_manager: usize, 
                     {
                         let mut last = resource.last_fence.lock().unwrap();
                         let token = guard.fencing_token();
-                        assert!(
-                            last.is_none_or(|l| token > l),
-                            "fencing token {token:?} not above {last:?}"
-                        );
+                        if fenced {
+                            assert!(
+                                last.is_none_or(|l| token > l),
+                                "fencing token {token:?} not above {last:?}"
+                            );
+                        } else {
+                            assert!(token.is_none(), "unfenced lock minted {token:?}");
+                        }
                         *last = Some(token);
                     }
                     let read = resource.value.load(Ordering::SeqCst);
@@ -108,6 +123,71 @@ async fn redlock_mutual_exclusion_three_replicas() {
         managers.push(LockManager::redlock(stores).unwrap());
     }
     mutual_exclusion(managers, 3, 8).await;
+}
+
+/// `fencing(false)`: a plain `SET NX PX` per lock, still mutually exclusive across
+/// replicas, on one node and under Redlock, with no fence key written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfenced_locks_are_still_mutually_exclusive_on_redis_and_redlock() {
+    let server = RedisServer::start();
+    let mut managers = Vec::new();
+    for _ in 0..3 {
+        managers.push(
+            LockManager::builder()
+                .fencing(false)
+                .redis(store(&server).await),
+        );
+    }
+    mutual_exclusion_with(managers.clone(), 4, 10, false).await;
+    assert_eq!(
+        server.command(&["DBSIZE"]),
+        "0",
+        "no fence key, no lock left"
+    );
+    // Each acquisition is a plain SET; no counter was minted.
+    let info = server.info("commandstats");
+    let set_calls = support::info_value(&info, "cmdstat_set")
+        .and_then(|v| {
+            v.split(',')
+                .next()?
+                .strip_prefix("calls=")?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0);
+    assert!(
+        set_calls >= 120,
+        "one SET per acquisition attempt: {set_calls}"
+    );
+    assert!(
+        support::info_value(&info, "cmdstat_hincrby").is_none(),
+        "a fencing counter was minted: {info}"
+    );
+
+    // A held lock is refused to another manager until released.
+    let held = managers[0]
+        .acquire("held", Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(managers[1].try_acquire("held").await.unwrap().is_none());
+    held.release().await.unwrap();
+    assert!(managers[1].try_acquire("held").await.unwrap().is_some());
+
+    let servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let mut managers = Vec::new();
+    for _ in 0..2 {
+        let mut stores = Vec::new();
+        for s in &servers {
+            stores.push(store(s).await);
+        }
+        managers.push(
+            LockManager::builder()
+                .fencing(false)
+                .redlock(stores)
+                .unwrap(),
+        );
+    }
+    mutual_exclusion_with(managers, 3, 6, false).await;
 }
 
 #[tokio::test]

@@ -28,6 +28,7 @@ pub(crate) struct Config {
     pub(crate) notifications: bool,
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
+    pub(crate) fencing: bool,
 }
 
 impl Default for Config {
@@ -39,6 +40,7 @@ impl Default for Config {
             notifications: true,
             backoff_min: Duration::from_millis(5),
             backoff_max: Duration::from_millis(250),
+            fencing: true,
         }
     }
 }
@@ -125,6 +127,33 @@ impl LockManagerBuilder {
         self
     }
 
+    /// Whether Redis backends mint a fencing token with every lock (on by default).
+    ///
+    /// Off, [`redis`](Self::redis) and [`redlock`](Self::redlock) take a lock with a plain
+    /// `SET key owner NX PX ttl` instead of their acquire script: about a third of the
+    /// Redis CPU per lock-unlock cycle, and the cheapest a lock can be, for work where
+    /// mutual exclusion by lease is enough (a job that must not run twice at once, a cache
+    /// fill). Guards then carry [`FencingToken::NONE`](super::FencingToken::NONE), which a
+    /// resource checking tokens refuses. A holder paused past its lease can then write
+    /// after the next holder, unnoticed; keep tokens on wherever that matters. The memory
+    /// backend mints tokens either way (they cost nothing there).
+    ///
+    /// ```no_run
+    /// # async fn f(store: battlement::redis::RedisStore) -> Result<(), battlement::lock::LockError> {
+    /// use battlement::lock::LockManager;
+    /// use std::time::Duration;
+    ///
+    /// let locks = LockManager::builder().fencing(false).redis(store);
+    /// let guard = locks.acquire("nightly-report", Duration::from_secs(1)).await?;
+    /// assert!(guard.fencing_token().is_none());
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn fencing(mut self, on: bool) -> Self {
+        self.config.fencing = on;
+        self
+    }
+
     /// A manager over `backend`.
     pub fn backend(self, backend: impl LockBackend) -> LockManager {
         LockManager {
@@ -145,7 +174,9 @@ impl LockManagerBuilder {
     /// counter in the same script.
     #[cfg(feature = "redis")]
     pub fn redis(self, store: crate::redis::RedisStore) -> LockManager {
-        self.backend(super::redis::RedisLockBackend::single(store))
+        let backend = super::redis::RedisLockBackend::single(store);
+        let fencing = self.config.fencing;
+        self.backend(backend.fencing(fencing))
     }
 
     /// A manager running Redlock over independent Redis masters (3 or 5 is usual): a lock
@@ -155,7 +186,9 @@ impl LockManagerBuilder {
         self,
         stores: impl IntoIterator<Item = crate::redis::RedisStore>,
     ) -> Result<LockManager, LockError> {
-        Ok(self.backend(super::redis::RedisLockBackend::redlock(stores)?))
+        let backend = super::redis::RedisLockBackend::redlock(stores)?;
+        let fencing = self.config.fencing;
+        Ok(self.backend(backend.fencing(fencing)))
     }
 }
 

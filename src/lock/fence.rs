@@ -27,9 +27,19 @@ pub struct FencingToken {
 }
 
 impl FencingToken {
+    /// What a guard of a manager built with
+    /// [`fencing(false)`](super::LockManagerBuilder::fencing) carries: value 0, epoch 0. It
+    /// orders nothing, and fails safe: a resource checking `fence < $1` refuses it.
+    pub const NONE: FencingToken = FencingToken { value: 0, epoch: 0 };
+
     /// A token. Backends make these; applications compare them.
     pub fn new(value: u64, epoch: u64) -> Self {
         Self { value, epoch }
+    }
+
+    /// Whether this is [`FencingToken::NONE`] (the lock was taken without minting one).
+    pub fn is_none(&self) -> bool {
+        *self == Self::NONE
     }
 
     /// The number the protected resource compares: strictly greater for every later
@@ -70,5 +80,6 @@ mod tests {
         assert!(FencingToken::new(10, 4) < a);
         assert_eq!(a.to_string(), "10");
         assert_eq!((a.value(), a.epoch()), (10, 5));
+        assert!(FencingToken::NONE < a && FencingToken::NONE.is_none() && !a.is_none());
     }
 }

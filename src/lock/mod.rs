@@ -64,6 +64,10 @@
 //! ahead of the others' counters; a node that restarts without data should stay down for
 //! a TTL (as the Redlock description asks) so the locks it held expire first.
 //!
+//! Minting costs a Lua script per acquisition on Redis. Where mutual exclusion by lease is
+//! enough, [`LockManagerBuilder::fencing`]`(false)` takes locks with a plain `SET NX PX`
+//! and hands out [`FencingToken::NONE`], which a resource checking tokens refuses.
+//!
 //! ## The layer
 //!
 //! [`LockLayer`] locks a name derived from the request, waits up to a budget, and refuses

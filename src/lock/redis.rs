@@ -96,7 +96,8 @@ fn scripts() -> &'static Scripts {
 /// Locks on Redis: one node (or one Redis Cluster) with [`RedisLockBackend::single`], or
 /// Redlock over independent masters with [`RedisLockBackend::redlock`].
 ///
-/// - Acquire is `SET key owner NX PX ttl` and the fencing counter in one Lua script; extend
+/// - Acquire is `SET key owner NX PX ttl` and the fencing counter in one Lua script (the
+///   plain command alone with [`fencing(false)`](Self::fencing)); extend
 ///   and release compare the owner token first (compare-and-pexpire, compare-and-delete).
 /// - Redlock sends each step to every node in parallel, each under its store's timeout,
 ///   returns as soon as a majority has granted, and undoes a failed attempt on every node.
@@ -108,6 +109,7 @@ pub struct RedisLockBackend {
     nodes: Vec<Node>,
     quorum: usize,
     waiters: Arc<WaitList>,
+    fencing: bool,
 }
 
 struct Node {
@@ -187,7 +189,16 @@ impl RedisLockBackend {
                 .collect(),
             quorum,
             waiters,
+            fencing: true,
         }
+    }
+
+    /// Whether acquisitions mint a fencing token (the default). Off, a lock is a plain
+    /// `SET key owner NX PX ttl` and guards carry [`FencingToken::NONE`]; see
+    /// [`LockManagerBuilder::fencing`](super::LockManagerBuilder::fencing).
+    pub fn fencing(mut self, on: bool) -> Self {
+        self.fencing = on;
+        self
     }
 
     /// How many nodes must agree.
@@ -257,9 +268,33 @@ fn acquire_on(
     store: RedisStore,
     name: &str,
     args: [String; 3],
+    fencing: bool,
 ) -> impl std::future::Future<Output = NodeAnswer> + Send + 'static {
     let keys = [lock_key(&store, name), fence_key(&store, name)];
     async move {
+        if !fencing {
+            // No token: the plain command, no script. A refusal does not say how long the
+            // holder has left (the waiter relies on the release notification and polling).
+            let [owner, ttl_ms, _] = args;
+            let key = &keys[0];
+            let answer: Result<redis::Value, StoreError> = store
+                .call(|mut conn| async move {
+                    redis::cmd("SET")
+                        .arg(key)
+                        .arg(owner)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(ttl_ms)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await;
+            return match answer {
+                Ok(redis::Value::Nil) => NodeAnswer::Held(None),
+                Ok(_) => NodeAnswer::Granted(0, 0),
+                Err(e) => NodeAnswer::Failed(e),
+            };
+        }
         let answer: Result<Vec<i64>, StoreError> = store
             .eval(
                 &scripts().acquire,
@@ -307,6 +342,7 @@ impl LockBackend for RedisLockBackend {
                     node.store.clone(),
                     name,
                     [owner_hex.clone(), ttl_ms, fence_ttl_ms],
+                    self.fencing,
                 )
                 .await;
                 return match answer {
@@ -337,7 +373,7 @@ impl LockBackend for RedisLockBackend {
                     // finish in the background: the nodes they reach hold the lock too, and
                     // extend and release treat them like the others.
                     let args = [owner_hex.clone(), ttl_ms.clone(), fence_ttl_ms.clone()];
-                    let call = acquire_on(node.store.clone(), name, args);
+                    let call = acquire_on(node.store.clone(), name, args, self.fencing);
                     async move { (i, call.await) }
                 })
                 .collect();
