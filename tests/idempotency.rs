@@ -7,8 +7,8 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -550,6 +550,46 @@ async fn a_stale_worker_cannot_overwrite_the_record() {
         tokio::time::advance(Duration::from_secs(6)).await
     })
     .await;
+    let third = send(&app, order(Some("k-stale"), "{}")).await;
+    assert!(third.replayed());
+    assert_eq!(third.text, "order 2: {}");
+    assert_eq!(origin.runs(), 2);
+}
+
+/// A request still running at `max_hold` stops renewing its claim: renewed before the cap
+/// (a retry is a `409`), then the key lapses one lease after it and a retry runs, and the
+/// stuck request's answer is not stored over the retry's.
+#[tokio::test(start_paused = true)]
+async fn a_request_running_past_max_hold_gives_its_key_up() {
+    let origin = Arc::new(Origin::default());
+    let app = app(
+        IdempotencyLayer::builder()
+            .in_flight_ttl(Duration::from_secs(5))
+            .max_hold(Duration::from_secs(12))
+            .build()
+            .unwrap(),
+        &origin,
+    );
+    let (during, runs_during) = (Arc::new(Mutex::new(None)), origin.clone());
+    let seen = during.clone();
+    let retry_app = app.clone();
+    // Bounded: were the claim renewed forever, the retry below would never run.
+    let fenced = stale_worker_is_fenced(&app, &app, &origin, async move || {
+        // Two leases in, still renewed: the key is held.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let retry = send(&retry_app, order(Some("k-stale"), "{}")).await;
+        *seen.lock().unwrap() = Some((retry.status, runs_during.runs()));
+        // Past the cap and one more lease: no longer held.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    });
+    tokio::time::timeout(Duration::from_secs(600), fenced)
+        .await
+        .expect("the retry ran once the claim lapsed after max_hold");
+    assert_eq!(
+        *during.lock().unwrap(),
+        Some((StatusCode::CONFLICT, 1)),
+        "renewed while under max_hold"
+    );
     let third = send(&app, order(Some("k-stale"), "{}")).await;
     assert!(third.replayed());
     assert_eq!(third.text, "order 2: {}");

@@ -45,7 +45,7 @@ pub(crate) struct Lease {
     done: bool,
     /// Renews the claim every third of `in_flight_ttl` while the request runs and its
     /// response streams, so that a slow request keeps its key (a retry gets `409`, never a
-    /// second run); stopped when the lease ends.
+    /// second run), for at most `max_hold`; stopped when the lease ends.
     keeper: Option<tokio::task::AbortHandle>,
 }
 
@@ -62,8 +62,17 @@ impl Lease {
             runtime
                 .spawn(async move {
                     let lease = shared.in_flight_ttl;
+                    let started = tokio::time::Instant::now();
                     loop {
                         tokio::time::sleep(lease / 3).await;
+                        if started.elapsed() >= shared.max_hold {
+                            tracing::warn!(
+                                max_hold_ms = shared.max_hold.as_millis() as u64,
+                                "battlement::idempotency: a request still running at max_hold \
+                                 stops renewing its claim; a retry can run once it lapses"
+                            );
+                            return;
+                        }
                         match shared.store.extend(&scope, &owner, lease).await {
                             Ok(true) => {}
                             Ok(false) => {

@@ -18,6 +18,8 @@ pub const DEFAULT_MAX_REQUEST_BODY: usize = 1024 * 1024;
 pub const DEFAULT_MAX_RESPONSE_BODY: usize = 1024 * 1024;
 /// Default lease of an in-flight claim: 60 s.
 pub const DEFAULT_IN_FLIGHT_TTL: Duration = Duration::from_secs(60);
+/// Default cap on how long a running request keeps renewing its claim: 5 minutes.
+pub const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(300);
 /// Default retention of a completed response: 24 h.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
@@ -31,6 +33,7 @@ pub(crate) struct Shared {
     pub(crate) max_request_body: usize,
     pub(crate) max_response_body: usize,
     pub(crate) in_flight_ttl: Duration,
+    pub(crate) max_hold: Duration,
     pub(crate) retention: Duration,
     pub(crate) store_server_errors: bool,
     pub(crate) failure: FailurePolicy,
@@ -57,6 +60,7 @@ impl fmt::Debug for IdempotencyLayer {
             .field("max_request_body", &s.max_request_body)
             .field("max_response_body", &s.max_response_body)
             .field("in_flight_ttl", &s.in_flight_ttl)
+            .field("max_hold", &s.max_hold)
             .field("retention", &s.retention)
             .field("store_server_errors", &s.store_server_errors)
             .field("failure", &s.failure)
@@ -76,7 +80,8 @@ impl IdempotencyLayer {
     /// A builder with the defaults: `POST` and `PATCH`, key optional, records in memory
     /// ([`MemoryStore`]), fingerprint over `content-type`, stored headers `content-type`,
     /// `content-location`, `location`, `etag` and `last-modified`, 1 MiB caps, a 60 s
-    /// lease, 24 h retention, 5xx not stored, [`FailurePolicy::Closed`].
+    /// lease renewed for at most 5 minutes, 24 h retention, 5xx not stored,
+    /// [`FailurePolicy::Closed`].
     pub fn builder() -> IdempotencyBuilder {
         IdempotencyBuilder {
             store: None,
@@ -93,6 +98,7 @@ impl IdempotencyLayer {
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             max_response_body: DEFAULT_MAX_RESPONSE_BODY,
             in_flight_ttl: DEFAULT_IN_FLIGHT_TTL,
+            max_hold: DEFAULT_MAX_HOLD,
             retention: DEFAULT_RETENTION,
             store_server_errors: false,
             failure: FailurePolicy::default(),
@@ -111,6 +117,7 @@ pub struct IdempotencyBuilder {
     max_request_body: usize,
     max_response_body: usize,
     in_flight_ttl: Duration,
+    max_hold: Duration,
     retention: Duration,
     store_server_errors: bool,
     failure: FailurePolicy,
@@ -196,6 +203,15 @@ impl IdempotencyBuilder {
         self
     }
 
+    /// How long a running request keeps renewing its claim (default 5 minutes). A request
+    /// still running past it (a stuck handler) stops renewing, so its key frees itself one
+    /// `in_flight_ttl` later and a retry runs; whatever the stuck request answers in the
+    /// end is not stored over the retry's record (the write is fenced by the owner token).
+    pub fn max_hold(mut self, max_hold: Duration) -> Self {
+        self.max_hold = max_hold;
+        self
+    }
+
     /// How long a completed response is kept for replay (default 24 h).
     pub fn retention(mut self, ttl: Duration) -> Self {
         self.retention = ttl;
@@ -252,6 +268,7 @@ impl IdempotencyBuilder {
                 max_request_body: self.max_request_body,
                 max_response_body: self.max_response_body,
                 in_flight_ttl: self.in_flight_ttl,
+                max_hold: self.max_hold,
                 retention: self.retention,
                 store_server_errors: self.store_server_errors,
                 failure: self.failure,

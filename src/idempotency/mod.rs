@@ -95,8 +95,9 @@
 //! The first request claims its key in one atomic step: an in-flight record holding the
 //! fingerprint and a random 128-bit owner token, which lives for a lease
 //! ([`in_flight_ttl`](IdempotencyBuilder::in_flight_ttl), 60 s) and is renewed every third
-//! of it while the request runs, so a slow request keeps its key however long it takes (a
-//! retry meanwhile gets `409`, never a second run). Its response then streams
+//! of it while the request runs, so a slow request keeps its key (a retry meanwhile gets
+//! `409`, never a second run), up to [`max_hold`](IdempotencyBuilder::max_hold) (5
+//! minutes): a stuck request then stops renewing, and its key frees itself one lease later. Its response then streams
 //! to the client as it comes, and is copied on the side; when the body has ended, the
 //! record becomes the stored response: status, the
 //! [allowlisted headers](IdempotencyBuilder::stored_headers) (`content-type`,
@@ -161,8 +162,8 @@ use http::HeaderName;
 pub use body::IdempotencyBody;
 pub use future::ResponseFuture;
 pub use layer::{
-    DEFAULT_IN_FLIGHT_TTL, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_RESPONSE_BODY, DEFAULT_RETENTION,
-    IdempotencyBuilder, IdempotencyLayer,
+    DEFAULT_IN_FLIGHT_TTL, DEFAULT_MAX_HOLD, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_RESPONSE_BODY,
+    DEFAULT_RETENTION, IdempotencyBuilder, IdempotencyLayer,
 };
 pub use record::{FRAME_VERSION, FrameError, MAX_FRAME_FIELDS, StoredResponse};
 #[cfg(feature = "redis")]
