@@ -16,7 +16,7 @@
 //! | [`key`] | what layers key on: the client IP behind trusted proxies, a header, the principal |
 //! | [`reject`] | one refusal type, rendered as RFC 9457 problem+json or a gRPC status |
 //! | [`builder`] | `ServiceBuilderExt`: the layers as methods of tower's `ServiceBuilder` |
-//! | [`body`] | the response body every short-circuiting layer returns, and the request body of those that read it first |
+//! | [`body`] | the response body every short-circuiting layer returns (or, with `BodyMode::Native`, the inner body itself), and the request body of those that read it first |
 //! | [`annotate`] | the per-request record layers write their decisions into |
 //! | [`principal`] | who the request is, for handlers and for other layers |
 //! | [`redis`] | shared Redis plumbing: one node or a cluster, timeouts, circuit breaker |
