@@ -141,21 +141,24 @@ impl MemoryStore {
         // Read before moka, so that a change made meanwhile leaves what we promote stale.
         let generation = self.generation.load(Ordering::Acquire);
         let index = hash as usize & (FRONT_SLOTS - 1);
-        let (found, tick) = FRONT.with(|front| {
-            let mut front = front.borrow_mut();
-            front.tick = front.tick.wrapping_add(1);
-            let tick = front.tick;
-            let found = front.slots[index]
-                .as_ref()
-                .filter(|s| {
-                    s.store == self.id
-                        && s.generation == generation
-                        && s.hash == hash
-                        && *s.key == *key
-                })
-                .map(|s| s.entry.clone());
-            (found, tick)
-        });
+        // `try_with`: a thread being torn down has no front; moka answers alone then.
+        let (found, tick) = FRONT
+            .try_with(|front| {
+                let mut front = front.borrow_mut();
+                front.tick = front.tick.wrapping_add(1);
+                let tick = front.tick;
+                let found = front.slots[index]
+                    .as_ref()
+                    .filter(|s| {
+                        s.store == self.id
+                            && s.generation == generation
+                            && s.hash == hash
+                            && *s.key == *key
+                    })
+                    .map(|s| s.entry.clone());
+                (found, tick)
+            })
+            .unwrap_or((None, 1));
         if let Some(entry) = found {
             if tick % RECORD_EVERY != 0 {
                 return Some(Stored::Response(entry));
@@ -168,7 +171,7 @@ impl MemoryStore {
         if let Some(Stored::Response(entry)) = &value
             && entry.body.len() <= FRONT_MAX_BODY
         {
-            FRONT.with(|front| {
+            let _ = FRONT.try_with(|front| {
                 let mut front = front.borrow_mut();
                 let slot = &mut front.slots[index];
                 let free = slot
