@@ -686,3 +686,100 @@ async fn native_body_on_redis_passes_and_refuses_with_the_inner_body_type() {
         }
     }
 }
+
+/// Quotas changed while the layer runs (`set_quota`), in memory and on Redis: a larger
+/// burst gives a limited key room at once, the `RateLimit-Policy` header follows, and a
+/// smaller quota limits sooner; unknown policies and impossible quotas are refused.
+#[tokio::test]
+async fn quotas_change_while_the_layer_runs() {
+    let server = RedisServer::start();
+    let store = connect(RedisConfig::single(server.url())).await;
+    let handler = || {
+        tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        })
+    };
+    let two = Quota::requests_per(2, Duration::from_secs(60));
+    let memory = builder("swap-memory").policy("burst", two).build().unwrap();
+    let redis = builder("swap-redis")
+        .policy("burst", two)
+        .backend(RedisBackend::new(store).on_failure(FailurePolicy::Closed))
+        .build()
+        .unwrap();
+    type SetQuota = Box<dyn Fn(&str, Quota) -> Result<(), battlement::rate_limit::ConfigError>>;
+    let services: [(&str, Svc, SetQuota); 2] = [
+        (
+            "memory",
+            BoxCloneService::new(
+                ServiceBuilder::new()
+                    .layer(memory.clone())
+                    .service(handler()),
+            ),
+            Box::new(move |p: &str, q: Quota| memory.set_quota(p, q)),
+        ),
+        (
+            "redis",
+            BoxCloneService::new(
+                ServiceBuilder::new()
+                    .layer(redis.clone())
+                    .service(handler()),
+            ),
+            Box::new(move |p: &str, q: Quota| redis.set_quota(p, q)),
+        ),
+    ];
+    for (label, svc, set_quota) in &services {
+        for i in 0..2 {
+            assert_eq!(
+                send(svc, "k", &[]).await.status,
+                StatusCode::OK,
+                "{label} {i}"
+            );
+        }
+        let refused = send(svc, "k", &[]).await;
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{label}");
+        assert_eq!(header(&refused, "ratelimit-policy"), r#""burst";q=2;w=60"#);
+
+        // Twice the burst at the same rate: two more at once, then refused again.
+        set_quota("burst", two.with_burst(4)).unwrap();
+        for i in 0..2 {
+            assert_eq!(
+                send(svc, "k", &[]).await.status,
+                StatusCode::OK,
+                "{label} raised {i}"
+            );
+        }
+        let refused = send(svc, "k", &[]).await;
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{label}");
+        assert_eq!(header(&refused, "ratelimit-policy"), r#""burst";q=4;w=120"#);
+
+        // One an hour: a fresh key gets one request.
+        set_quota("burst", Quota::requests_per(1, Duration::from_secs(3600))).unwrap();
+        assert_eq!(
+            send(svc, "fresh", &[]).await.status,
+            StatusCode::OK,
+            "{label}"
+        );
+        let refused = send(svc, "fresh", &[]).await;
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{label}");
+        assert_eq!(
+            header(&refused, "ratelimit-policy"),
+            r#""burst";q=1;w=3600"#
+        );
+
+        assert_eq!(
+            set_quota("daily", two),
+            Err(battlement::rate_limit::ConfigError::UnknownPolicy(
+                "daily".into()
+            ))
+        );
+        assert!(matches!(
+            set_quota("burst", Quota::requests_per(0, Duration::from_secs(1))),
+            Err(battlement::rate_limit::ConfigError::InvalidQuota(..))
+        ));
+        // A refused change leaves the quota as it was.
+        assert_eq!(
+            send(svc, "fresh", &[]).await.status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+}

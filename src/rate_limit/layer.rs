@@ -83,6 +83,43 @@ impl<X, Bk, M> RateLimitLayer<X, Bk, M> {
     pub fn name(&self) -> &str {
         &self.shared.settings.name
     }
+
+    /// Replaces the quota of policy `policy` while the layer runs: every service the layer
+    /// made, and every clone of it, applies it from the next request on (a request racing
+    /// with the change sees the old quota or the new one). Each key keeps its state, which
+    /// GCRA measures in time: a larger burst gives a limited key room at once, a faster
+    /// rate brings its room back sooner, and a smaller quota limits it sooner. On Redis the
+    /// quotas travel with each check, so every instance applies its own: change them on
+    /// every instance (from the same configuration source).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use battlement::key::Global;
+    /// use battlement::rate_limit::{Quota, RateLimitLayer};
+    ///
+    /// let layer = RateLimitLayer::builder()
+    ///     .policy("burst", Quota::requests_per(10, Duration::from_secs(1)))
+    ///     .key(Global)
+    ///     .build()
+    ///     .unwrap();
+    /// layer.set_quota("burst", Quota::requests_per(50, Duration::from_secs(1))).unwrap();
+    /// assert_eq!(layer.quotas(), [("burst".to_owned(), Quota::requests_per(50, Duration::from_secs(1)))]);
+    /// assert!(layer.set_quota("daily", Quota::requests_per(1, Duration::from_secs(1))).is_err());
+    /// ```
+    pub fn set_quota(&self, policy: &str, quota: Quota) -> Result<(), ConfigError> {
+        self.shared.settings.policies.set(policy, quota)
+    }
+
+    /// The current quota of each policy, by name, in order.
+    pub fn quotas(&self) -> Vec<(String, Quota)> {
+        let policies = &self.shared.settings.policies;
+        policies
+            .names
+            .iter()
+            .map(|n| n.to_string())
+            .zip(policies.quotas())
+            .collect()
+    }
 }
 
 impl<S, X, Bk, M> Layer<S> for RateLimitLayer<X, Bk, M> {

@@ -333,9 +333,9 @@ where
     fn check(&self, _layer: &str, key: &K, policies: &PoliciesRef<'_>, cost: u32) -> Check {
         let limits = policies.inner.limits();
         if policies.details {
-            return Check::Ready(Ok(self.decide(key, limits, cost)));
+            return Check::Ready(Ok(self.decide(key, &limits, cost)));
         }
-        match self.decide_quietly(key, limits, cost) {
+        match self.decide_quietly(key, &limits, cost) {
             None => Check::Allowed,
             Some(refusal) => Check::Ready(Ok(refusal)),
         }

@@ -123,6 +123,9 @@ pub enum ConfigError {
     /// `max_keys(0)`.
     #[error("max_keys must be at least 1")]
     ZeroMaxKeys,
+    /// [`RateLimitLayer::set_quota`] named a policy the layer does not have.
+    #[error("the layer has no policy named {0:?}")]
+    UnknownPolicy(String),
 }
 
 /// The layer's settings that the response future needs too.
@@ -212,7 +215,7 @@ impl Settings {
         if decision.allowed || self.shadow {
             let headers = (self.headers_on_success && known).then(|| {
                 Box::new((
-                    self.policies.policy_header.clone(),
+                    self.policies.policy_header(),
                     self.ratelimit_header(&decision),
                 ))
             });
@@ -230,7 +233,7 @@ impl Settings {
         Rejection::new(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests")
             .with_type(QUOTA_EXCEEDED)
             .with_member("violated-policies", serde_json::Value::Array(names))
-            .with_header(RATELIMIT_POLICY, self.policies.policy_header.clone())
+            .with_header(RATELIMIT_POLICY, self.policies.policy_header())
     }
 
     fn refuse(&self, decision: &Decision, head: &RequestHead<'_>) -> Response<Bytes> {

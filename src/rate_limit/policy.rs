@@ -1,9 +1,11 @@
 //! Quotas, named policies, and what to do when the shared store is unreachable.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::HeaderValue;
+use parking_lot::RwLock;
 
 /// How many requests a key may make: a sustained rate and a burst.
 ///
@@ -106,16 +108,64 @@ impl Limit {
 /// The most policies one layer may hold.
 pub const MAX_POLICIES: usize = 4;
 
-/// The compiled policies of one layer.
-#[derive(Clone, Debug)]
+/// The compiled policies of one layer. The quotas can be changed while the layer runs
+/// ([`Policies::set`]); the names and their order cannot.
+#[derive(Debug)]
 pub(crate) struct Policies {
     pub(crate) names: Arc<[Arc<str>]>,
+    pub(crate) len: usize,
+    /// Each limit as two atomics, read with plain (relaxed) loads on the hot path.
+    limits: [AtomicLimit; MAX_POLICIES],
+    /// The smallest burst: a cost above it can never be allowed.
+    max_cost: AtomicU64,
+    /// The quotas and the `RateLimit-Policy` field value built from them; changed together.
+    described: RwLock<Described>,
+}
+
+#[derive(Debug, Default)]
+struct AtomicLimit {
+    interval_ns: AtomicU64,
+    capacity_ns: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Described {
+    quotas: [Option<Quota>; MAX_POLICIES],
+    header: HeaderValue,
+}
+
+/// A copy of the current limits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Current {
     pub(crate) limits: [Limit; MAX_POLICIES],
     pub(crate) len: usize,
-    /// `RateLimit-Policy` field value, built once.
-    pub(crate) policy_header: HeaderValue,
-    /// The smallest burst: a cost above it can never be allowed.
-    pub(crate) max_cost: u64,
+}
+
+impl std::ops::Deref for Current {
+    type Target = [Limit];
+
+    #[inline]
+    fn deref(&self) -> &[Limit] {
+        &self.limits[..self.len]
+    }
+}
+
+fn describe(names: &[Arc<str>], quotas: &[Option<Quota>]) -> Result<HeaderValue, String> {
+    let mut header = String::new();
+    for (name, quota) in names.iter().zip(quotas) {
+        let Some(quota) = quota else { continue };
+        let limit = quota.validate()?;
+        if !header.is_empty() {
+            header.push_str(", ");
+        }
+        let window = Duration::from_nanos(limit.capacity_ns).as_secs_f64().ceil() as u64;
+        header.push_str(&format!(
+            "\"{name}\";q={};w={}",
+            quota.burst(),
+            window.max(1)
+        ));
+    }
+    HeaderValue::from_str(&header).map_err(|_| header)
 }
 
 impl Policies {
@@ -127,8 +177,7 @@ impl Policies {
         if list.len() > MAX_POLICIES {
             return Err(ConfigError::TooManyPolicies(list.len()));
         }
-        let mut limits = [Limit::default(); MAX_POLICIES];
-        let mut header = String::new();
+        let mut quotas = [None; MAX_POLICIES];
         for (i, (name, quota)) in list.iter().enumerate() {
             if name.is_empty()
                 || name.len() > 64
@@ -141,39 +190,93 @@ impl Policies {
             if list[..i].iter().any(|(other, _)| other == name) {
                 return Err(ConfigError::DuplicatePolicy(name.to_string()));
             }
-            limits[i] = quota
+            quota
                 .validate()
                 .map_err(|why| ConfigError::InvalidQuota(name.to_string(), why))?;
-            if !header.is_empty() {
-                header.push_str(", ");
-            }
-            let window = Duration::from_nanos(limits[i].capacity_ns)
-                .as_secs_f64()
-                .ceil() as u64;
-            header.push_str(&format!(
-                "\"{name}\";q={};w={}",
-                quota.burst(),
-                window.max(1)
-            ));
+            quotas[i] = Some(*quota);
         }
-        let max_cost = limits[..list.len()]
-            .iter()
-            .map(Limit::burst)
-            .min()
-            .unwrap_or(1);
-        Ok(Self {
-            names: list.iter().map(|(n, _)| n.clone()).collect(),
-            limits,
+        let names: Arc<[Arc<str>]> = list.iter().map(|(n, _)| n.clone()).collect();
+        let header = describe(&names, &quotas).map_err(ConfigError::InvalidPolicyName)?;
+        let policies = Self {
+            names,
             len: list.len(),
-            policy_header: HeaderValue::from_str(&header)
-                .map_err(|_| ConfigError::InvalidPolicyName(header.clone()))?,
-            max_cost,
-        })
+            limits: Default::default(),
+            max_cost: AtomicU64::new(1),
+            described: RwLock::new(Described { quotas, header }),
+        };
+        policies.publish(&quotas);
+        Ok(policies)
     }
 
+    /// Writes the limits of `quotas` (all valid) and the smallest burst.
+    fn publish(&self, quotas: &[Option<Quota>; MAX_POLICIES]) {
+        let mut max_cost = u64::MAX;
+        for (slot, quota) in self.limits.iter().zip(quotas).take(self.len) {
+            let limit = quota
+                .expect("a quota per policy")
+                .validate()
+                .expect("validated");
+            slot.interval_ns.store(limit.interval_ns, Ordering::Relaxed);
+            slot.capacity_ns.store(limit.capacity_ns, Ordering::Relaxed);
+            max_cost = max_cost.min(limit.burst());
+        }
+        self.max_cost.store(max_cost, Ordering::Relaxed);
+    }
+
+    /// Replaces the quota of policy `name`.
+    pub(crate) fn set(&self, name: &str, quota: Quota) -> Result<(), super::ConfigError> {
+        use super::ConfigError;
+        let i = self.names[..self.len]
+            .iter()
+            .position(|n| n.as_ref() == name)
+            .ok_or_else(|| ConfigError::UnknownPolicy(name.to_owned()))?;
+        quota
+            .validate()
+            .map_err(|why| ConfigError::InvalidQuota(name.to_owned(), why))?;
+        let mut described = self.described.write();
+        let mut quotas = described.quotas;
+        quotas[i] = Some(quota);
+        let header = describe(&self.names, &quotas).map_err(ConfigError::InvalidPolicyName)?;
+        self.publish(&quotas);
+        *described = Described { quotas, header };
+        Ok(())
+    }
+
+    /// The current limits.
     #[inline]
-    pub(crate) fn limits(&self) -> &[Limit] {
-        &self.limits[..self.len]
+    pub(crate) fn limits(&self) -> Current {
+        let mut limits = [Limit::default(); MAX_POLICIES];
+        for (limit, slot) in limits.iter_mut().zip(&self.limits).take(self.len) {
+            *limit = Limit {
+                interval_ns: slot.interval_ns.load(Ordering::Relaxed),
+                capacity_ns: slot.capacity_ns.load(Ordering::Relaxed),
+            };
+        }
+        Current {
+            limits,
+            len: self.len,
+        }
+    }
+
+    /// The smallest burst of the current quotas.
+    #[inline]
+    pub(crate) fn max_cost(&self) -> u64 {
+        self.max_cost.load(Ordering::Relaxed)
+    }
+
+    /// The `RateLimit-Policy` field value of the current quotas.
+    pub(crate) fn policy_header(&self) -> HeaderValue {
+        self.described.read().header.clone()
+    }
+
+    /// The current quota of each policy, in order.
+    pub(crate) fn quotas(&self) -> Vec<Quota> {
+        let described = self.described.read();
+        described.quotas[..self.len]
+            .iter()
+            .flatten()
+            .copied()
+            .collect()
     }
 }
 

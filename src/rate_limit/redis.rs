@@ -204,8 +204,8 @@ where
         let inner = self.inner.clone();
         let redis_key = inner.store.key(&format!("rl:{layer}"), key);
         let policies = policies.inner;
-        let limits: [Limit; MAX_POLICIES] = policies.limits;
-        let len = policies.len;
+        let current = policies.limits();
+        let (limits, len): ([Limit; MAX_POLICIES], usize) = (current.limits, current.len);
         // ARGV: cost, then name, interval and capacity (microseconds) per policy.
         let mut args: Vec<Vec<u8>> = Vec::with_capacity(1 + 3 * len);
         args.push(cost.to_string().into_bytes());

@@ -142,7 +142,7 @@ where
     let Some(key) = key else {
         return Route::Pass(None);
     };
-    if u64::from(cost) > settings.policies.max_cost {
+    if u64::from(cost) > settings.policies.max_cost() {
         return Route::Refuse(Box::new(settings.refuse_impossible(head, cost)));
     }
     let policies = PoliciesRef {
