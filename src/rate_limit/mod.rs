@@ -15,6 +15,8 @@
 //!   [`cost`](RateLimitBuilder::cost) is 0, and requests the extractor has no key for.
 //! - **Shadow mode** decides, charges and annotates, but never refuses: roll a limit out by
 //!   watching what it would do.
+//! - **Quotas change at run time** with [`RateLimitLayer::set_quota`]: every service and
+//!   clone of the layer applies the new quota from the next request, keys keep their state.
 //! - **Memory** ([`MemoryBackend`]): bounded by construction (see its docs), no background
 //!   task. **Redis** ([`RedisBackend`], feature `redis`): one Lua script and one round trip
 //!   per request, time from Redis `TIME`, works on Redis Cluster, and a [`FailurePolicy`]
