@@ -338,7 +338,9 @@ impl RedisStore {
             let client = redis::Client::open(config.nodes[0].as_str())?;
             let manager_config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(config.connect_timeout))
-                .set_response_timeout(Some(config.connect_timeout))
+                // Every call is bounded by `call`'s own timeout: a second timer per request
+                // inside redis-rs would only cost time.
+                .set_response_timeout(None)
                 .set_number_of_retries(1)
                 .set_min_delay(Duration::from_millis(5))
                 .set_max_delay(Duration::from_millis(100));
@@ -386,6 +388,19 @@ impl RedisStore {
     /// tag, so every key made for one id is in one cluster slot.
     pub fn key(&self, kind: &str, id: &dyn fmt::Display) -> String {
         format!("{}:{}:{{{}}}", self.inner.config.prefix, kind, id)
+    }
+
+    /// [`key`](Self::key) for a string id, without the formatting machinery (hot paths).
+    pub(crate) fn key_str(&self, kind: &str, id: &str) -> String {
+        let prefix = &self.inner.config.prefix;
+        let mut key = String::with_capacity(prefix.len() + kind.len() + id.len() + 4);
+        key.push_str(prefix);
+        key.push(':');
+        key.push_str(kind);
+        key.push_str(":{");
+        key.push_str(id);
+        key.push('}');
+        key
     }
 
     /// Runs `call` on the shared connection under the timeout and the circuit breaker.

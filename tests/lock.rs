@@ -577,3 +577,122 @@ async fn redlock_raises_lagging_counters_to_the_token_it_hands_out() {
         .unwrap();
     assert!(next.fencing_token().value() > token);
 }
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// One acquire and release of a free lock; its token.
+async fn cycle(locks: &LockManager, name: &str) -> FencingToken {
+    let guard = locks.acquire(name, Duration::from_secs(1)).await.unwrap();
+    let token = guard.fencing_token();
+    guard.release().await.unwrap();
+    token
+}
+
+const WEEK_MS: i64 = 7 * 24 * 3600 * 1000;
+
+fn pttl(server: &RedisServer, key: &str) -> i64 {
+    server.command(&["PTTL", key]).parse().unwrap()
+}
+
+#[tokio::test]
+async fn one_node_counter_starts_at_the_clock_and_its_expiry_is_pushed_back_when_stale() {
+    let server = RedisServer::start();
+    let locks = LockManager::redis(store(&server).await);
+    let key = "battlement:lockfence:{x}";
+    let before = now_micros();
+    let t1 = cycle(&locks, "x").await;
+    // A new counter starts from the node's clock (microseconds) and opens an epoch.
+    let slack = 5_000_000;
+    assert!(
+        t1.value() + slack >= before && t1.value() <= now_micros() + slack,
+        "{t1:?} is not near {before}"
+    );
+    assert_eq!(t1.epoch(), t1.value());
+    assert!(pttl(&server, key) > WEEK_MS - 60_000);
+
+    // Pushed back recently: the next acquisitions leave the expiry alone (three commands).
+    server.command(&["PEXPIRE", key, "600000"]);
+    let t2 = cycle(&locks, "x").await;
+    assert_eq!((t2.value(), t2.epoch()), (t1.value() + 1, t1.epoch()));
+    assert!(pttl(&server, key) <= 600_000);
+
+    // Pushed back long ago (more than a quarter of the week): pushed back again.
+    server.command(&["HSET", key, "r", "0"]);
+    let t3 = cycle(&locks, "x").await;
+    assert_eq!(t3.value(), t2.value() + 1);
+    assert!(pttl(&server, key) > WEEK_MS - 60_000);
+    let r: u64 = server.command(&["HGET", key, "r"]).parse().unwrap();
+    assert!(r >= before, "the refresh time was written back");
+
+    // Gone (expired, evicted, or lost with the node's data): it starts again from the
+    // clock, in a new epoch, and tokens still increase.
+    server.command(&["DEL", key]);
+    let t4 = cycle(&locks, "x").await;
+    assert!(t4 > t3, "{t4:?} !> {t3:?}");
+    assert!(t4.epoch() > t3.epoch());
+    assert_eq!(t4.epoch(), t4.value());
+
+    // A counter somehow ahead of the clock (a clock stepped back) is never lowered.
+    let ahead = (now_micros() + 3_600_000_000).to_string();
+    server.command(&["HSET", key, "c", &ahead]);
+    server.command(&["HDEL", key, "e"]);
+    let t5 = cycle(&locks, "x").await;
+    assert_eq!(t5.value(), ahead.parse::<u64>().unwrap() + 1);
+}
+
+#[tokio::test]
+async fn redlock_nodes_mint_the_same_token_and_push_back_expiry_when_stale() {
+    let servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let mut stores = Vec::new();
+    for s in &servers {
+        stores.push(store(s).await);
+    }
+    let locks = LockManager::redlock(stores).unwrap();
+    let key = "battlement:lockfence:{q}";
+    let before = now_micros();
+    let token = cycle(&locks, "q").await;
+    // Every node minted from its clock rounded down to the millisecond (these three share
+    // one clock): they agree without a raise round.
+    assert_eq!(token.value() % 1000, 0);
+    assert!(token.value() + 1000 >= before && token.value() <= now_micros());
+    // The third node's grant may land after the quorum answered: wait for it.
+    let mut agreed = false;
+    for _ in 0..100 {
+        if servers
+            .iter()
+            .all(|s| s.command(&["HGET", key, "c"]) == token.value().to_string())
+        {
+            agreed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(agreed, "every node holds the token it minted");
+    for s in &servers {
+        assert!(pttl(s, key) > WEEK_MS - 60_000);
+        s.command(&["PEXPIRE", key, "600000"]);
+    }
+    let next = cycle(&locks, "q").await;
+    assert!(next > token);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for s in &servers {
+        assert!(
+            pttl(s, key) <= 600_000,
+            "not pushed back: refreshed recently"
+        );
+        s.command(&["HSET", key, "r", "0"]);
+    }
+    let last = cycle(&locks, "q").await;
+    assert!(last > next);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pushed = servers
+        .iter()
+        .filter(|s| pttl(s, key) > WEEK_MS - 60_000)
+        .count();
+    assert_eq!(pushed, 3, "every node that granted pushed its expiry back");
+}

@@ -9,15 +9,20 @@ use std::fmt;
 /// than the one the resource has already seen, and the resource refuses it. The lock alone
 /// cannot prevent that; only the resource can (see the [module docs](super) for how).
 ///
-/// - [`value`](Self::value) is what the resource compares. Every backend mints it as
-///   `max(previous + 1, now in microseconds)` on its own clock (Redis rounds `now` down
-///   to the millisecond) (Redis `TIME`, or the
-///   process clock for the memory backend), so it keeps increasing even when the counter is
-///   lost: a Redis restarted without its data starts again from the current time, which is
-///   past every token it minted before (as long as its clock did not go backwards).
+/// - [`value`](Self::value) is what the resource compares. It goes up with every
+///   acquisition and never runs ahead of the clock, so it keeps increasing even when the
+///   counter behind it is lost. One Redis node adds one to its counter; a counter that is
+///   new (the name's first lock, or lost with the node's data, or forgotten after a week
+///   unused) starts from the node's `TIME` in microseconds, which is past every token the
+///   old counter minted (it advanced once per lock, far slower than the clock), as long as
+///   the clock did not go backwards. Redlock nodes mint `max(previous + 1, now)` with `now`
+///   their `TIME` rounded down to the millisecond, so nodes that agree to the millisecond
+///   mint the same token; the memory backend mints `max(previous + 1, now)` on the process
+///   clock.
 /// - [`epoch`](Self::epoch) is the time (microseconds since the Unix epoch) the counter was
-///   created. A change of epoch between two tokens tells that the counter was lost and made
-///   again, which an operator may want to know.
+///   created. A change of epoch between two tokens tells that the counter was made again
+///   (lost with the node's data, or forgotten after a week unused), which an operator may
+///   want to know; tokens still increase across it.
 ///
 /// Tokens order by value, then epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

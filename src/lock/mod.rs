@@ -53,20 +53,21 @@
 //!  WHERE id = $2 AND fence < $1;   -- 0 rows: a newer holder got there first
 //! ```
 //!
-//! Every backend mints the token in the same atomic step that grants the lock, as
-//! `max(previous + 1, now in microseconds)` on the backend's clock, so for one node tokens
-//! of one name strictly increase, also after the counter was lost (a Redis restarted
-//! without data starts again from its current time; the token's
+//! Every backend mints the token in the same atomic step that grants the lock. On one
+//! Redis node the name's counter goes up by one; a new counter (first use, or lost with the
+//! node's data) starts from the node's clock in microseconds, so tokens of one name
+//! strictly increase, also after the counter was lost (the token's
 //! [`epoch`](FencingToken::epoch) changes, which tells it happened). Under Redlock each node
-//! keeps its own counter; the token is the largest the quorum minted, and the acquirer
-//! raises the other granting nodes to it before handing the guard out. Two quorums share a
-//! node, so a later token is larger as long as that node kept its data, or its clock is
-//! ahead of the others' counters; a node that restarts without data should stay down for
-//! a TTL (as the Redlock description asks) so the locks it held expire first.
+//! mints `max(previous + 1, its clock)`; the token is the largest the quorum minted, and the
+//! acquirer raises the other granting nodes to it before handing the guard out. Two
+//! quorums share a node, so a later token is larger as long as that node kept its data,
+//! or its clock is ahead of the others' counters; a node that restarts without data should
+//! stay down for a TTL (as the Redlock description asks) so the locks it held expire first.
 //!
-//! Minting costs a Lua script per acquisition on Redis. Where mutual exclusion by lease is
-//! enough, [`LockManagerBuilder::fencing`]`(false)` takes locks with a plain `SET NX PX`
-//! and hands out [`FencingToken::NONE`], which a resource checking tokens refuses.
+//! Minting costs a Lua script per acquisition on Redis (three commands in it on one node).
+//! Where mutual exclusion by lease is enough, [`LockManagerBuilder::fencing`]`(false)`
+//! takes locks with a plain `SET NX PX` and hands out [`FencingToken::NONE`], which a
+//! resource checking tokens refuses.
 //!
 //! ## The layer
 //!

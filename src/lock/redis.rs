@@ -18,32 +18,70 @@ use crate::redis::{RedisStore, Script, StoreError};
 /// bounds what lock names cost in Redis.
 const FENCE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Takes the lock and mints the fencing token in one step: the counter becomes
-/// `max(previous + 1, now)` (HINCRBY, then raised to TIME when behind), with `now` in
-/// microseconds rounded down to the millisecond, so Redlock nodes whose clocks agree to
-/// the millisecond mint the same token and need no raise round. Written as integer strings
-/// (Lua's own number formatting would round them).
-/// KEYS: lock, fence. ARGV: owner, ttl ms, fence ttl ms.
-/// Returns {1, counter, epoch} when granted, {0, pttl of the holder} when held.
-const ACQUIRE: &str = r"
+/// Takes the lock and mints the fencing token in one step, on one node: the counter goes
+/// up by one. A counter that is new (first use of the name, or lost with the node's data)
+/// starts from the node's `TIME` in microseconds and opens a new epoch, so tokens keep
+/// increasing across a loss: a counter advances once per acquisition, far slower than the
+/// clock, so it never runs ahead of it. The counter's expiry (an idle name's counter is
+/// forgotten after [`FENCE_TTL`]) is pushed back when it was last pushed back more than a
+/// quarter of it ago, so the common path is three commands. That pacing is the only use of
+/// the caller's clock (it spares a `TIME` per acquisition); tokens come from the counter
+/// and the node's clock alone.
+/// KEYS: lock, fence. ARGV: owner, ttl ms, fence ttl ms, caller's clock in µs.
+/// Returns `"<counter> <epoch>"` when granted, the holder's PTTL (an integer) when held.
+const ACQUIRE_ONE: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local c = redis.call('HINCRBY', KEYS[2], 'c', 1)
-  local e = redis.call('HGET', KEYS[2], 'e')
-  local t = redis.call('TIME')
-  local now_s = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000)) .. '000'
-  local now = tonumber(now_s)
-  if c < now then
-    c = now
-    redis.call('HSET', KEYS[2], 'c', now_s)
+  local f = redis.call('HMGET', KEYS[2], 'e', 'r')
+  if c > 1 and f[1] then
+    if tonumber(ARGV[4]) - (tonumber(f[2]) or 0) > tonumber(ARGV[3]) * 250 then
+      redis.call('HSET', KEYS[2], 'r', ARGV[4])
+      redis.call('PEXPIRE', KEYS[2], ARGV[3])
+    end
+    return string.format('%d', c) .. ' ' .. f[1]
   end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if c > now then now = c end
+  local v = string.format('%d', now)
+  redis.call('HSET', KEYS[2], 'c', v, 'e', v, 'r', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return v .. ' ' .. v
+end
+return redis.call('PTTL', KEYS[1])
+";
+
+/// Redlock's acquire on one of its nodes: the counter becomes `max(previous + 1, now)`
+/// with `now` the node's `TIME` in microseconds rounded down to the millisecond, so nodes
+/// whose clocks agree to the millisecond mint the same token and need no raise round. The
+/// counter is read once and written back in one HSET (integer strings: Lua's own number
+/// formatting would round them); its expiry is pushed back when it was last pushed back
+/// more than a quarter of [`FENCE_TTL`] ago.
+/// KEYS: lock, fence. ARGV: owner, ttl ms, fence ttl ms.
+/// Returns `"<counter> <epoch>"` when granted, the holder's PTTL (an integer) when held.
+const ACQUIRE_QUORUM: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local f = redis.call('HMGET', KEYS[2], 'c', 'e', 'r')
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + math.floor(tonumber(t[2]) / 1000) * 1000
+  local c = (tonumber(f[1]) or 0) + 1
+  if c < now then c = now end
+  local c_s = string.format('%d', c)
+  local now_s = string.format('%d', now)
+  local e = f[2]
+  local stale = now - (tonumber(f[3]) or 0) > tonumber(ARGV[3]) * 250
   if not e then
     e = now_s
-    redis.call('HSET', KEYS[2], 'e', now_s)
+    redis.call('HSET', KEYS[2], 'c', c_s, 'e', e, 'r', now_s)
+  elseif stale then
+    redis.call('HSET', KEYS[2], 'c', c_s, 'r', now_s)
+  else
+    redis.call('HSET', KEYS[2], 'c', c_s)
   end
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-  return {1, c, tonumber(e)}
+  if stale or not f[2] then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+  return c_s .. ' ' .. e
 end
-return {0, redis.call('PTTL', KEYS[1])}
+return redis.call('PTTL', KEYS[1])
 ";
 
 /// KEYS: lock. ARGV: owner, ttl ms. 1 when extended.
@@ -77,7 +115,8 @@ return 0
 ";
 
 struct Scripts {
-    acquire: Script,
+    acquire_one: Script,
+    acquire_quorum: Script,
     extend: Script,
     release: Script,
     raise: Script,
@@ -86,7 +125,8 @@ struct Scripts {
 fn scripts() -> &'static Scripts {
     static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| Scripts {
-        acquire: Script::new(ACQUIRE),
+        acquire_one: Script::new(ACQUIRE_ONE),
+        acquire_quorum: Script::new(ACQUIRE_QUORUM),
         extend: Script::new(EXTEND),
         release: Script::new(RELEASE),
         raise: Script::new(RAISE),
@@ -96,8 +136,9 @@ fn scripts() -> &'static Scripts {
 /// Locks on Redis: one node (or one Redis Cluster) with [`RedisLockBackend::single`], or
 /// Redlock over independent masters with [`RedisLockBackend::redlock`].
 ///
-/// - Acquire is `SET key owner NX PX ttl` and the fencing counter in one Lua script (the
-///   plain command alone with [`fencing(false)`](Self::fencing)); extend
+/// - Acquire is `SET key owner NX PX ttl` and the fencing counter in one Lua script of
+///   three commands (the plain command alone with [`fencing(false)`](Self::fencing)),
+///   answered with one string rather than an array; extend
 ///   and release compare the owner token first (compare-and-pexpire, compare-and-delete).
 /// - Redlock sends each step to every node in parallel, each under its store's timeout,
 ///   returns as soon as a majority has granted, and undoes a failed attempt on every node.
@@ -226,15 +267,21 @@ impl RedisLockBackend {
 }
 
 fn lock_key(store: &RedisStore, name: &str) -> String {
-    store.key("lock", &name)
+    store.key_str("lock", name)
 }
 
 fn fence_key(store: &RedisStore, name: &str) -> String {
-    store.key("lockfence", &name)
+    store.key_str("lockfence", name)
 }
 
 fn channel(store: &RedisStore, name: &str) -> String {
-    format!("{}:released", lock_key(store, name))
+    channel_of(lock_key(store, name))
+}
+
+/// The release channel of a lock key: `{lock key}:released`.
+fn channel_of(mut lock_key: String) -> String {
+    lock_key.push_str(":released");
+    lock_key
 }
 
 /// The lock name in a release channel (`{prefix}:lock:{name}:released`).
@@ -247,7 +294,7 @@ fn name_of_channel(channel: &[u8]) -> Option<&str> {
 
 async fn release_on(node: &Node, name: &str, owner: &str) -> Result<bool, StoreError> {
     let key = lock_key(&node.store, name);
-    let channel = channel(&node.store, name);
+    let channel = channel_of(key.clone());
     let released: i64 = node
         .store
         .eval(
@@ -263,20 +310,33 @@ fn unavailable(error: StoreError) -> LockError {
     LockError::Unavailable(Box::new(error))
 }
 
-/// One acquisition attempt on one node.
+/// How an acquisition is asked of a node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `SET NX PX` alone: no fencing token.
+    Plain,
+    /// [`ACQUIRE_ONE`]: the only node.
+    One,
+    /// [`ACQUIRE_QUORUM`]: one of several Redlock nodes.
+    Quorum,
+}
+
+/// One acquisition attempt on one node. `args`: owner, ttl ms, fence ttl ms, caller's
+/// clock in µs.
 fn acquire_on(
     store: RedisStore,
     name: &str,
-    args: [String; 3],
-    fencing: bool,
+    args: [String; 4],
+    mode: Mode,
 ) -> impl std::future::Future<Output = NodeAnswer> + Send + 'static {
-    let keys = [lock_key(&store, name), fence_key(&store, name)];
+    let lock = lock_key(&store, name);
+    let fence = (mode != Mode::Plain).then(|| fence_key(&store, name));
     async move {
-        if !fencing {
+        let Some(fence) = fence else {
             // No token: the plain command, no script. A refusal does not say how long the
             // holder has left (the waiter relies on the release notification and polling).
-            let [owner, ttl_ms, _] = args;
-            let key = &keys[0];
+            let [owner, ttl_ms, _, _] = args;
+            let key = &lock;
             let answer: Result<redis::Value, StoreError> = store
                 .call(|mut conn| async move {
                     redis::cmd("SET")
@@ -294,28 +354,55 @@ fn acquire_on(
                 Ok(_) => NodeAnswer::Granted(0, 0),
                 Err(e) => NodeAnswer::Failed(e),
             };
-        }
-        let answer: Result<Vec<i64>, StoreError> = store
-            .eval(
-                &scripts().acquire,
-                &[&keys[0], &keys[1]],
-                &[args[0].as_bytes(), args[1].as_bytes(), args[2].as_bytes()],
-            )
-            .await;
+        };
+        let answer: Result<redis::Value, StoreError> = if mode == Mode::One {
+            store
+                .eval(
+                    &scripts().acquire_one,
+                    &[&lock, &fence],
+                    &[
+                        args[0].as_bytes(),
+                        args[1].as_bytes(),
+                        args[2].as_bytes(),
+                        args[3].as_bytes(),
+                    ],
+                )
+                .await
+        } else {
+            store
+                .eval(
+                    &scripts().acquire_quorum,
+                    &[&lock, &fence],
+                    &[args[0].as_bytes(), args[1].as_bytes(), args[2].as_bytes()],
+                )
+                .await
+        };
         match answer {
-            Ok(v) if v.len() == 3 && v[0] == 1 => {
-                NodeAnswer::Granted(v[1].max(0) as u64, v[2].max(0) as u64)
+            Ok(redis::Value::Int(pttl)) => {
+                NodeAnswer::Held(u64::try_from(pttl).ok().map(Duration::from_millis))
             }
-            Ok(v) if v.len() == 2 => {
-                NodeAnswer::Held(u64::try_from(v[1]).ok().map(Duration::from_millis))
-            }
-            Ok(_) => NodeAnswer::Failed(StoreError::Redis(redis::RedisError::from((
-                redis::ErrorKind::UnexpectedReturnType,
-                "unexpected lock script reply",
-            )))),
+            Ok(redis::Value::BulkString(granted)) => match parse_granted(&granted) {
+                Some((value, epoch)) => NodeAnswer::Granted(value, epoch),
+                None => NodeAnswer::Failed(unexpected_reply()),
+            },
+            Ok(_) => NodeAnswer::Failed(unexpected_reply()),
             Err(e) => NodeAnswer::Failed(e),
         }
     }
+}
+
+/// `"<counter> <epoch>"`, as the acquire scripts answer a grant.
+fn parse_granted(reply: &[u8]) -> Option<(u64, u64)> {
+    let reply = std::str::from_utf8(reply).ok()?;
+    let (value, epoch) = reply.split_once(' ')?;
+    Some((value.parse().ok()?, epoch.parse().ok()?))
+}
+
+fn unexpected_reply() -> StoreError {
+    StoreError::Redis(redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "unexpected lock script reply",
+    )))
 }
 
 enum NodeAnswer {
@@ -338,11 +425,16 @@ impl LockBackend for RedisLockBackend {
             let fence_ttl_ms = (FENCE_TTL.as_millis() as u64).to_string();
             if let [node] = self.nodes.as_slice() {
                 // One node: one call, nothing to gather.
+                let (mode, now) = if self.fencing {
+                    (Mode::One, super::fence::now_micros().to_string())
+                } else {
+                    (Mode::Plain, String::new())
+                };
                 let answer = acquire_on(
                     node.store.clone(),
                     name,
-                    [owner_hex.clone(), ttl_ms, fence_ttl_ms],
-                    self.fencing,
+                    [owner_hex.clone(), ttl_ms, fence_ttl_ms, now],
+                    mode,
                 )
                 .await;
                 return match answer {
@@ -372,8 +464,18 @@ impl LockBackend for RedisLockBackend {
                     // Owned, so the calls still in flight when a quorum has answered can
                     // finish in the background: the nodes they reach hold the lock too, and
                     // extend and release treat them like the others.
-                    let args = [owner_hex.clone(), ttl_ms.clone(), fence_ttl_ms.clone()];
-                    let call = acquire_on(node.store.clone(), name, args, self.fencing);
+                    let args = [
+                        owner_hex.clone(),
+                        ttl_ms.clone(),
+                        fence_ttl_ms.clone(),
+                        String::new(),
+                    ];
+                    let mode = if self.fencing {
+                        Mode::Quorum
+                    } else {
+                        Mode::Plain
+                    };
+                    let call = acquire_on(node.store.clone(), name, args, mode);
                     async move { (i, call.await) }
                 })
                 .collect();
@@ -515,6 +617,12 @@ impl LockBackend for RedisLockBackend {
     ) -> BoxFuture<'a, Result<bool, LockError>> {
         Box::pin(async move {
             let owner = owner.to_hex();
+            if let [node] = self.nodes.as_slice() {
+                return match release_on(node, name, &owner).await {
+                    Ok(released) => Ok(released),
+                    Err(error) => Err(unavailable(error)),
+                };
+            }
             let calls: FuturesUnordered<_> = self
                 .nodes
                 .iter()
@@ -651,5 +759,16 @@ mod tests {
         );
         assert_eq!(name_of_channel(b"battlement:lock:order:released"), None);
         assert_eq!(name_of_channel(b"\xff{x}:released"), None);
+    }
+
+    #[test]
+    fn grants_parse() {
+        assert_eq!(
+            parse_granted(b"1795672311799001 1795672311799000"),
+            Some((1_795_672_311_799_001, 1_795_672_311_799_000))
+        );
+        for bad in [&b""[..], b"12", b"1 x", b"-1 2", b"1.5e15 1", b"\xff 1"] {
+            assert_eq!(parse_granted(bad), None, "{bad:?}");
+        }
     }
 }
