@@ -10,6 +10,11 @@
 //!   only (its default backoff, 5 ms to 250 ms, jittered), and `rslock`'s `acquire`
 //!   (retries with a random delay of up to 200 ms, its default).
 //!
+//! - Paired (printed after the uncontended group): criterion measures one function after
+//!   another, and on a shared machine the speed drifts between them; this pass alternates
+//!   blocks of 200 cycles of `rslock` and of battlement (31 rounds) and prints the median
+//!   of the per-round ratios, the figure the README quotes.
+//!
 //! Run with `cargo bench --features full --bench lock`.
 
 #[path = "../tests/support/mod.rs"]
@@ -143,6 +148,91 @@ fn bench(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    // Paired: the machine drifts between criterion's runs of one function and the next, so
+    // alternate short blocks of each and report the median of the per-block ratios.
+    type Cycle<'a> =
+        Box<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>> + 'a>;
+    let ours = |locks: &'static LockManager| -> Cycle<'static> {
+        Box::new(move || {
+            Box::pin(async move {
+                let guard = locks
+                    .acquire("paired", Duration::from_secs(1))
+                    .await
+                    .expect("free lock");
+                guard.release().await.expect("released");
+            })
+        })
+    };
+    let theirs = |locks: &'static rslock::LockManager| -> Cycle<'static> {
+        Box::new(move || {
+            Box::pin(async move {
+                let lock = locks
+                    .lock("paired".as_bytes(), Duration::from_secs(10))
+                    .await
+                    .expect("free lock");
+                locks.unlock(&lock).await;
+            })
+        })
+    };
+    let leak = |l: &LockManager| -> &'static LockManager { Box::leak(Box::new(l.clone())) };
+    let (rs1, rs3): (&'static rslock::LockManager, &'static rslock::LockManager) = (
+        Box::leak(Box::new(rslock::LockManager::new(vec![urls[0].clone()]))),
+        Box::leak(Box::new(rslock::LockManager::new(urls.clone()))),
+    );
+    for (label, peer, variants) in [
+        (
+            "one Redis",
+            theirs(rs1),
+            vec![
+                ("fenced", ours(leak(&single))),
+                ("fencing(false)", ours(leak(&single_unfenced))),
+            ],
+        ),
+        (
+            "Redlock, 3 nodes",
+            theirs(rs3),
+            vec![
+                ("fenced", ours(leak(&redlock))),
+                ("fencing(false)", ours(leak(&redlock_unfenced))),
+            ],
+        ),
+    ] {
+        const BLOCKS: usize = 31;
+        const CYCLES: u32 = 200;
+        let block = |run: &Cycle<'static>| {
+            local.block_on(async {
+                let started = Instant::now();
+                for _ in 0..CYCLES {
+                    run().await;
+                }
+                started.elapsed() / CYCLES
+            })
+        };
+        block(&peer);
+        let mut ratios = vec![Vec::new(); variants.len()];
+        let mut peer_times = Vec::new();
+        for _ in 0..BLOCKS {
+            let base = block(&peer);
+            peer_times.push(base);
+            for (i, (_, run)) in variants.iter().enumerate() {
+                let t = block(run);
+                ratios[i].push(t.as_secs_f64() / base.as_secs_f64());
+            }
+        }
+        peer_times.sort();
+        let peer_median = peer_times[BLOCKS / 2];
+        for ((name, _), mut r) in variants.iter().zip(ratios) {
+            r.sort_by(f64::total_cmp);
+            println!(
+                "uncontended paired, {label}, battlement {name} / rslock: median {:.2} (quartiles {:.2} to {:.2}; rslock {:.0} µs a cycle)",
+                r[BLOCKS / 2],
+                r[BLOCKS / 4],
+                r[3 * BLOCKS / 4],
+                peer_median.as_secs_f64() * 1e6,
+            );
+        }
+    }
 
     let mut group = c.benchmark_group("lock/contended");
     group.sample_size(10);
