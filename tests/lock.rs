@@ -502,11 +502,24 @@ async fn invalid_names_are_refused() {
         Err(LockError::TimedOut { .. })
     ));
     drop(held);
-    for name in ["", "a{b}", "line\nbreak", &"x".repeat(300)] {
-        assert!(matches!(
-            locks.try_acquire(name).await,
-            Err(LockError::InvalidName)
-        ));
+    for name in [
+        "",
+        "a{b}",
+        "a}",
+        "line\nbreak",
+        "del\u{7f}",
+        "caf\u{e9}\u{85}",
+        &"x".repeat(300),
+    ] {
+        assert!(
+            matches!(locks.try_acquire(name).await, Err(LockError::InvalidName)),
+            "{name:?}"
+        );
+    }
+    // Any other UTF-8 is a fine name.
+    for name in ["order:42", "caf\u{e9}:\u{1f512}", "a b"] {
+        let guard = locks.try_acquire(name).await.unwrap().expect(name);
+        guard.release().await.unwrap();
     }
 }
 
@@ -646,7 +659,7 @@ async fn one_node_counter_starts_at_the_clock_and_its_expiry_is_pushed_back_when
 }
 
 #[tokio::test]
-async fn redlock_nodes_mint_the_same_token_and_push_back_expiry_when_stale() {
+async fn redlock_quorum_holds_the_token_and_expiry_is_pushed_back_when_stale() {
     let servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
     let mut stores = Vec::new();
     for s in &servers {
@@ -656,23 +669,26 @@ async fn redlock_nodes_mint_the_same_token_and_push_back_expiry_when_stale() {
     let key = "battlement:lockfence:{q}";
     let before = now_micros();
     let token = cycle(&locks, "q").await;
-    // Every node minted from its clock rounded down to the millisecond (these three share
-    // one clock): they agree without a raise round.
+    // Every node mints from its clock rounded down to the millisecond (these three share
+    // one clock), so nodes that run the script within one millisecond agree without a
+    // raise round; the quorum that granted the lock holds the token either way.
     assert_eq!(token.value() % 1000, 0);
     assert!(token.value() + 1000 >= before && token.value() <= now_micros());
     // The third node's grant may land after the quorum answered: wait for it.
-    let mut agreed = false;
+    let mut landed = false;
     for _ in 0..100 {
-        if servers
-            .iter()
-            .all(|s| s.command(&["HGET", key, "c"]) == token.value().to_string())
-        {
-            agreed = true;
+        if servers.iter().all(|s| s.command(&["EXISTS", key]) == "1") {
+            landed = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(agreed, "every node holds the token it minted");
+    assert!(landed, "every node minted");
+    let holding = servers
+        .iter()
+        .filter(|s| s.command(&["HGET", key, "c"]) == token.value().to_string())
+        .count();
+    assert!(holding >= 2, "only {holding} nodes hold the token");
     for s in &servers {
         assert!(pttl(s, key) > WEEK_MS - 60_000);
         s.command(&["PEXPIRE", key, "600000"]);
@@ -689,10 +705,17 @@ async fn redlock_nodes_mint_the_same_token_and_push_back_expiry_when_stale() {
     }
     let last = cycle(&locks, "q").await;
     assert!(last > next);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let pushed = servers
-        .iter()
-        .filter(|s| pttl(s, key) > WEEK_MS - 60_000)
-        .count();
+    // A node answering after the quorum finishes in the background: give it time.
+    let mut pushed = 0;
+    for _ in 0..200 {
+        pushed = servers
+            .iter()
+            .filter(|s| pttl(s, key) > WEEK_MS - 60_000)
+            .count();
+        if pushed == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(pushed, 3, "every node that granted pushed its expiry back");
 }

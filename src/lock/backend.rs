@@ -73,12 +73,14 @@ impl OwnerToken {
 
     /// The token as 32 lowercase hex digits (what the Redis backends store).
     pub fn to_hex(&self) -> String {
-        let mut s = String::with_capacity(32);
-        for b in self.0 {
-            s.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-            s.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = [0u8; 32];
+        for (i, b) in self.0.iter().enumerate() {
+            hex[2 * i] = DIGITS[usize::from(b >> 4)];
+            hex[2 * i + 1] = DIGITS[usize::from(b & 15)];
         }
-        s
+        // Only ASCII digits were written.
+        std::str::from_utf8(&hex).unwrap_or_default().to_owned()
     }
 }
 

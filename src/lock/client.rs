@@ -4,7 +4,6 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::LockError;
@@ -270,12 +269,12 @@ impl LockManager {
                     Ok(Attempt::Acquired { token, validity }) => {
                         pending.armed = false;
                         let now = Instant::now();
-                        let (tx, _) = watch::channel(false);
                         let lease = Lease {
                             name: name.to_owned(),
                             token,
                             deadline: Mutex::new(attempt_started + validity),
-                            lost: tx,
+                            lost: std::sync::atomic::AtomicBool::new(false),
+                            lost_notify: tokio::sync::Notify::new(),
                             acquired_at: now,
                             waited: now - started,
                             attempts,
@@ -356,10 +355,13 @@ impl Drop for PendingAttempt<'_> {
 /// Lock names go into backend keys: 1 to 256 bytes, no control characters, no braces
 /// (they would change the Redis Cluster hash tag).
 pub(crate) fn validate_name(name: &str) -> Result<(), LockError> {
-    if name.is_empty()
-        || name.len() > MAX_NAME_LEN
-        || name.chars().any(|c| c.is_control() || c == '{' || c == '}')
-    {
+    let refused = |c: char| c.is_control() || c == '{' || c == '}';
+    let bad = if name.is_ascii() {
+        name.bytes().any(|b| refused(char::from(b)))
+    } else {
+        name.chars().any(refused)
+    };
+    if name.is_empty() || name.len() > MAX_NAME_LEN || bad {
         return Err(LockError::InvalidName);
     }
     Ok(())

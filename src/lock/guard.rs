@@ -4,7 +4,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::backend::OwnerToken;
@@ -17,7 +19,9 @@ pub(crate) struct Lease {
     pub(crate) name: String,
     pub(crate) token: FencingToken,
     pub(crate) deadline: Mutex<Instant>,
-    pub(crate) lost: watch::Sender<bool>,
+    /// Set once, when the lease is lost; `lost_notify` wakes whoever awaits `lost()`.
+    pub(crate) lost: AtomicBool,
+    pub(crate) lost_notify: Notify,
     pub(crate) acquired_at: Instant,
     pub(crate) waited: Duration,
     pub(crate) attempts: u32,
@@ -34,17 +38,25 @@ impl Lease {
     }
 
     pub(crate) fn mark_lost(&self) {
-        self.lost.send_replace(true);
+        self.lost.store(true, Ordering::Release);
+        self.lost_notify.notify_waiters();
     }
 
     fn is_lost(&self) -> bool {
-        *self.lost.borrow()
+        self.lost.load(Ordering::Acquire)
     }
 
     async fn lost(&self) {
-        let mut rx = self.lost.subscribe();
-        // The sender lives as long as the lease, so this only ends when the lease is lost.
-        let _ = rx.wait_for(|lost| *lost).await;
+        loop {
+            let notified = self.lost_notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the flag is read: a `mark_lost` in between still wakes us.
+            notified.as_mut().enable();
+            if self.is_lost() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 

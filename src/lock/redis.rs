@@ -422,7 +422,11 @@ impl LockBackend for RedisLockBackend {
             let started = Instant::now();
             let owner_hex = owner.to_hex();
             let ttl_ms = (ttl.as_millis() as u64).max(1).to_string();
-            let fence_ttl_ms = (FENCE_TTL.as_millis() as u64).to_string();
+            let fence_ttl_ms = if self.fencing {
+                (FENCE_TTL.as_millis() as u64).to_string()
+            } else {
+                String::new()
+            };
             if let [node] = self.nodes.as_slice() {
                 // One node: one call, nothing to gather.
                 let (mode, now) = if self.fencing {
@@ -433,7 +437,7 @@ impl LockBackend for RedisLockBackend {
                 let answer = acquire_on(
                     node.store.clone(),
                     name,
-                    [owner_hex.clone(), ttl_ms, fence_ttl_ms, now],
+                    [owner_hex, ttl_ms, fence_ttl_ms, now],
                     mode,
                 )
                 .await;
