@@ -669,11 +669,9 @@ async fn redlock_quorum_holds_the_token_and_expiry_is_pushed_back_when_stale() {
     let key = "battlement:lockfence:{q}";
     let before = now_micros();
     let token = cycle(&locks, "q").await;
-    // Every node mints from its clock rounded down to the millisecond (these three share
-    // one clock), so nodes that run the script within one millisecond agree without a
-    // raise round; the quorum that granted the lock holds the token either way.
-    assert_eq!(token.value() % 1000, 0);
-    assert!(token.value() + 1000 >= before && token.value() <= now_micros());
+    // Each node's new counter starts from its clock (these three share one): the token is
+    // the largest the quorum minted, and the quorum that granted it was raised to it.
+    assert!(token.value() >= before && token.value() <= now_micros());
     // The third node's grant may land after the quorum answered: wait for it.
     let mut landed = false;
     for _ in 0..100 {

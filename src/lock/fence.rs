@@ -15,10 +15,9 @@ use std::fmt;
 ///   new (the name's first lock, or lost with the node's data, or forgotten after a week
 ///   unused) starts from the node's `TIME` in microseconds, which is past every token the
 ///   old counter minted (it advanced once per lock, far slower than the clock), as long as
-///   the clock did not go backwards. Redlock nodes mint `max(previous + 1, now)` with `now`
-///   their `TIME` rounded down to the millisecond, so nodes that agree to the millisecond
-///   mint the same token; the memory backend mints `max(previous + 1, now)` on the process
-///   clock.
+///   the clock did not go backwards. Under Redlock each node keeps such a counter and the
+///   token is the largest the quorum minted. The memory backend mints
+///   `max(previous + 1, now)` on the process clock.
 /// - [`epoch`](Self::epoch) is the time (microseconds since the Unix epoch) the counter was
 ///   created. A change of epoch between two tokens tells that the counter was made again
 ///   (lost with the node's data, or forgotten after a week unused), which an operator may

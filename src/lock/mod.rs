@@ -58,13 +58,13 @@
 //! node's data) starts from the node's clock in microseconds, so tokens of one name
 //! strictly increase, also after the counter was lost (the token's
 //! [`epoch`](FencingToken::epoch) changes, which tells it happened). Under Redlock each node
-//! mints `max(previous + 1, its clock)`; the token is the largest the quorum minted, and the
-//! acquirer raises the other granting nodes to it before handing the guard out. Two
+//! keeps such a counter; the token is the largest the quorum minted, and the acquirer
+//! raises the other granting nodes to it before handing the guard out. Two
 //! quorums share a node, so a later token is larger as long as that node kept its data,
 //! or its clock is ahead of the others' counters; a node that restarts without data should
 //! stay down for a TTL (as the Redlock description asks) so the locks it held expire first.
 //!
-//! Minting costs a Lua script per acquisition on Redis (three commands in it on one node).
+//! Minting costs a Lua script per acquisition on Redis (three commands in it, per node).
 //! Where mutual exclusion by lease is enough, [`LockManagerBuilder::fencing`]`(false)`
 //! takes locks with a plain `SET NX PX` and hands out [`FencingToken::NONE`], which a
 //! resource checking tokens refuses.

@@ -18,18 +18,20 @@ use crate::redis::{RedisStore, Script, StoreError};
 /// bounds what lock names cost in Redis.
 const FENCE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Takes the lock and mints the fencing token in one step, on one node: the counter goes
-/// up by one. A counter that is new (first use of the name, or lost with the node's data)
-/// starts from the node's `TIME` in microseconds and opens a new epoch, so tokens keep
-/// increasing across a loss: a counter advances once per acquisition, far slower than the
-/// clock, so it never runs ahead of it. The counter's expiry (an idle name's counter is
-/// forgotten after [`FENCE_TTL`]) is pushed back when it was last pushed back more than a
-/// quarter of it ago, so the common path is three commands. That pacing is the only use of
-/// the caller's clock (it spares a `TIME` per acquisition); tokens come from the counter
-/// and the node's clock alone.
+/// Takes the lock and mints the fencing token in one step, on one node (alone, or one of
+/// Redlock's): the counter goes up by one. A counter that is new (first use of the name, or
+/// lost with the node's data) starts from the node's `TIME` in microseconds and opens a new
+/// epoch, so tokens keep increasing across a loss: a counter advances once per acquisition,
+/// far slower than the clock, so it never runs ahead of it. Redlock nodes start their
+/// counters from their own clocks, so a name's first lock on them takes a raise round (see
+/// [`RAISE`]); after it the nodes advance in step. The counter's expiry (an idle name's
+/// counter is forgotten after [`FENCE_TTL`]) is pushed back when it was last pushed back
+/// more than a quarter of it ago, so the common path is three commands. That pacing is the
+/// only use of the caller's clock (it spares a `TIME` per acquisition); tokens come from
+/// the counters and the nodes' clocks alone.
 /// KEYS: lock, fence. ARGV: owner, ttl ms, fence ttl ms, caller's clock in µs.
 /// Returns `"<counter> <epoch>"` when granted, the holder's PTTL (an integer) when held.
-const ACQUIRE_ONE: &str = r"
+const ACQUIRE: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local c = redis.call('HINCRBY', KEYS[2], 'c', 1)
   local f = redis.call('HMGET', KEYS[2], 'e', 'r')
@@ -47,39 +49,6 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('HSET', KEYS[2], 'c', v, 'e', v, 'r', ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
   return v .. ' ' .. v
-end
-return redis.call('PTTL', KEYS[1])
-";
-
-/// Redlock's acquire on one of its nodes: the counter becomes `max(previous + 1, now)`
-/// with `now` the node's `TIME` in microseconds rounded down to the millisecond, so nodes
-/// whose clocks agree to the millisecond mint the same token and need no raise round. The
-/// counter is read once and written back in one HSET (integer strings: Lua's own number
-/// formatting would round them); its expiry is pushed back when it was last pushed back
-/// more than a quarter of [`FENCE_TTL`] ago.
-/// KEYS: lock, fence. ARGV: owner, ttl ms, fence ttl ms.
-/// Returns `"<counter> <epoch>"` when granted, the holder's PTTL (an integer) when held.
-const ACQUIRE_QUORUM: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local f = redis.call('HMGET', KEYS[2], 'c', 'e', 'r')
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + math.floor(tonumber(t[2]) / 1000) * 1000
-  local c = (tonumber(f[1]) or 0) + 1
-  if c < now then c = now end
-  local c_s = string.format('%d', c)
-  local now_s = string.format('%d', now)
-  local e = f[2]
-  local stale = now - (tonumber(f[3]) or 0) > tonumber(ARGV[3]) * 250
-  if not e then
-    e = now_s
-    redis.call('HSET', KEYS[2], 'c', c_s, 'e', e, 'r', now_s)
-  elseif stale then
-    redis.call('HSET', KEYS[2], 'c', c_s, 'r', now_s)
-  else
-    redis.call('HSET', KEYS[2], 'c', c_s)
-  end
-  if stale or not f[2] then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
-  return c_s .. ' ' .. e
 end
 return redis.call('PTTL', KEYS[1])
 ";
@@ -115,8 +84,7 @@ return 0
 ";
 
 struct Scripts {
-    acquire_one: Script,
-    acquire_quorum: Script,
+    acquire: Script,
     extend: Script,
     release: Script,
     raise: Script,
@@ -125,8 +93,7 @@ struct Scripts {
 fn scripts() -> &'static Scripts {
     static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| Scripts {
-        acquire_one: Script::new(ACQUIRE_ONE),
-        acquire_quorum: Script::new(ACQUIRE_QUORUM),
+        acquire: Script::new(ACQUIRE),
         extend: Script::new(EXTEND),
         release: Script::new(RELEASE),
         raise: Script::new(RAISE),
@@ -137,7 +104,7 @@ fn scripts() -> &'static Scripts {
 /// Redlock over independent masters with [`RedisLockBackend::redlock`].
 ///
 /// - Acquire is `SET key owner NX PX ttl` and the fencing counter in one Lua script of
-///   three commands (the plain command alone with [`fencing(false)`](Self::fencing)),
+///   three commands (the same on one node and on each Redlock node) (the plain command alone with [`fencing(false)`](Self::fencing)),
 ///   answered with one string rather than an array; extend
 ///   and release compare the owner token first (compare-and-pexpire, compare-and-delete).
 /// - Redlock sends each step to every node in parallel, each under its store's timeout,
@@ -315,10 +282,8 @@ fn unavailable(error: StoreError) -> LockError {
 enum Mode {
     /// `SET NX PX` alone: no fencing token.
     Plain,
-    /// [`ACQUIRE_ONE`]: the only node.
-    One,
-    /// [`ACQUIRE_QUORUM`]: one of several Redlock nodes.
-    Quorum,
+    /// [`ACQUIRE`]: the lock and a fencing token.
+    Fenced,
 }
 
 /// One acquisition attempt on one node. `args`: owner, ttl ms, fence ttl ms, caller's
@@ -355,28 +320,18 @@ fn acquire_on(
                 Err(e) => NodeAnswer::Failed(e),
             };
         };
-        let answer: Result<redis::Value, StoreError> = if mode == Mode::One {
-            store
-                .eval(
-                    &scripts().acquire_one,
-                    &[&lock, &fence],
-                    &[
-                        args[0].as_bytes(),
-                        args[1].as_bytes(),
-                        args[2].as_bytes(),
-                        args[3].as_bytes(),
-                    ],
-                )
-                .await
-        } else {
-            store
-                .eval(
-                    &scripts().acquire_quorum,
-                    &[&lock, &fence],
-                    &[args[0].as_bytes(), args[1].as_bytes(), args[2].as_bytes()],
-                )
-                .await
-        };
+        let answer: Result<redis::Value, StoreError> = store
+            .eval(
+                &scripts().acquire,
+                &[&lock, &fence],
+                &[
+                    args[0].as_bytes(),
+                    args[1].as_bytes(),
+                    args[2].as_bytes(),
+                    args[3].as_bytes(),
+                ],
+            )
+            .await;
         match answer {
             Ok(redis::Value::Int(pttl)) => {
                 NodeAnswer::Held(u64::try_from(pttl).ok().map(Duration::from_millis))
@@ -422,18 +377,17 @@ impl LockBackend for RedisLockBackend {
             let started = Instant::now();
             let owner_hex = owner.to_hex();
             let ttl_ms = (ttl.as_millis() as u64).max(1).to_string();
-            let fence_ttl_ms = if self.fencing {
-                (FENCE_TTL.as_millis() as u64).to_string()
+            let (mode, fence_ttl_ms, now) = if self.fencing {
+                (
+                    Mode::Fenced,
+                    (FENCE_TTL.as_millis() as u64).to_string(),
+                    super::fence::now_micros().to_string(),
+                )
             } else {
-                String::new()
+                (Mode::Plain, String::new(), String::new())
             };
             if let [node] = self.nodes.as_slice() {
                 // One node: one call, nothing to gather.
-                let (mode, now) = if self.fencing {
-                    (Mode::One, super::fence::now_micros().to_string())
-                } else {
-                    (Mode::Plain, String::new())
-                };
                 let answer = acquire_on(
                     node.store.clone(),
                     name,
@@ -472,13 +426,8 @@ impl LockBackend for RedisLockBackend {
                         owner_hex.clone(),
                         ttl_ms.clone(),
                         fence_ttl_ms.clone(),
-                        String::new(),
+                        now.clone(),
                     ];
-                    let mode = if self.fencing {
-                        Mode::Quorum
-                    } else {
-                        Mode::Plain
-                    };
                     let call = acquire_on(node.store.clone(), name, args, mode);
                     async move { (i, call.await) }
                 })
