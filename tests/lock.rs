@@ -432,6 +432,12 @@ async fn waiter_is_woken_by_release_not_by_polling() {
         .expect("woken by the release");
     assert!(got.attempts() <= 3, "{} attempts", got.attempts());
     assert!(got.waited() >= Duration::from_millis(250));
+    // Not woken, it would have slept to the end of its budget and got the lock there.
+    assert!(
+        got.waited() < Duration::from_secs(4),
+        "waited {:?}: not woken by the release",
+        got.waited()
+    );
     release.await.unwrap();
 }
 
@@ -716,4 +722,55 @@ async fn redlock_quorum_holds_the_token_and_expiry_is_pushed_back_when_stale() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(pushed, 3, "every node that granted pushed its expiry back");
+}
+
+#[tokio::test]
+async fn waiters_are_woken_after_the_pubsub_connection_was_dropped() {
+    let server = RedisServer::start();
+    let slow_poll = || {
+        LockManager::builder()
+            .ttl(Duration::from_secs(30))
+            .retry_backoff(Duration::from_secs(60), Duration::from_secs(60))
+    };
+    let holder = slow_poll().redis(store(&server).await);
+    let waiter = slow_poll().redis(store(&server).await);
+    for round in 0..2 {
+        let guard = holder
+            .acquire("drop", Duration::from_secs(1))
+            .await
+            .unwrap();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            guard.release().await.unwrap();
+        });
+        let got = waiter
+            .acquire("drop", Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: not woken by the release: {e}"));
+        assert!(got.attempts() <= 3, "{} attempts", got.attempts());
+        // Not woken, it would have slept to the end of its budget (polling every minute)
+        // and got the lock on its last attempt there.
+        assert!(
+            got.waited() < Duration::from_secs(4),
+            "round {round}: waited {:?}: not woken by the release",
+            got.waited()
+        );
+        got.release().await.unwrap();
+        release.await.unwrap();
+        // The waiter's pub/sub connection goes away (a proxy timeout, a network blip): it
+        // is the one that last unsubscribed.
+        let clients = server.command(&["CLIENT", "LIST"]);
+        let ids: Vec<&str> = clients
+            .lines()
+            .filter(|l| l.contains("cmd=unsubscribe"))
+            .filter_map(|l| l.split_whitespace().next()?.strip_prefix("id="))
+            .collect();
+        assert_eq!(
+            ids.len(),
+            1,
+            "one shared subscription connection: {clients}"
+        );
+        assert_eq!(server.command(&["CLIENT", "KILL", "ID", ids[0]]), "1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -626,39 +626,50 @@ struct Notifier {
 impl Notifier {
     /// Subscribes to `channel`, connecting first when needed. False when the node cannot
     /// be reached now (then waiters poll; a reconnect is tried at most once a second).
+    ///
+    /// The shared connection may have died since it was last used (a proxy's idle
+    /// timeout, a network blip, a Redis restart): a subscribe that fails on it is tried
+    /// once more on a new connection, so the next waiter is notified again.
     async fn subscribe(&self, channel: &str, waiters: Weak<WaitList>) -> bool {
         let mut sink = self.sink.lock().await;
-        if sink.is_none() {
-            {
-                let failed_at = self
-                    .failed_at
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                if failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-                    return false;
-                }
-            }
-            match tokio::time::timeout(Duration::from_millis(500), self.connect(waiters)).await {
-                Ok(Some(connected)) => *sink = Some(connected),
-                _ => {
-                    *self
+        for _ in 0..2 {
+            if sink.is_none() {
+                {
+                    let failed_at = self
                         .failed_at
                         .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-                    return false;
+                        .unwrap_or_else(PoisonError::into_inner);
+                    if failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                        return false;
+                    }
+                }
+                match tokio::time::timeout(
+                    Duration::from_millis(500),
+                    self.connect(waiters.clone()),
+                )
+                .await
+                {
+                    Ok(Some(connected)) => *sink = Some(connected),
+                    _ => {
+                        *self
+                            .failed_at
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+                        return false;
+                    }
                 }
             }
-        }
-        let Some(connected) = sink.as_mut() else {
-            return false;
-        };
-        match tokio::time::timeout(Duration::from_millis(500), connected.subscribe(channel)).await {
-            Ok(Ok(())) => true,
-            _ => {
-                *sink = None;
-                false
+            let Some(connected) = sink.as_mut() else {
+                return false;
+            };
+            match tokio::time::timeout(Duration::from_millis(500), connected.subscribe(channel))
+                .await
+            {
+                Ok(Ok(())) => return true,
+                _ => *sink = None,
             }
         }
+        false
     }
 
     async fn unsubscribe(&self, channel: &str) {
