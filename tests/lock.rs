@@ -774,3 +774,40 @@ async fn waiters_are_woken_after_the_pubsub_connection_was_dropped() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_waiter_whose_pubsub_connection_drops_mid_wait_is_still_woken_by_the_release() {
+    let server = RedisServer::start();
+    let slow_poll = || {
+        LockManager::builder()
+            .ttl(Duration::from_secs(30))
+            .retry_backoff(Duration::from_secs(60), Duration::from_secs(60))
+    };
+    let holder = slow_poll().redis(store(&server).await);
+    let waiter = slow_poll().redis(store(&server).await);
+    let guard = holder.acquire("mid", Duration::from_secs(1)).await.unwrap();
+    let waiting = tokio::spawn(async move { waiter.acquire("mid", Duration::from_secs(5)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The waiter's subscription connection dies while it waits.
+    assert_eq!(server.command(&["CLIENT", "KILL", "TYPE", "pubsub"]), "1");
+    // It is back, subscribed, shortly after.
+    let mut back = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if server.command(&["PUBSUB", "NUMSUB", "battlement:lock:{mid}:released"])
+            == "battlement:lock:{mid}:released\n1"
+        {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "resubscribed after the connection dropped");
+    guard.release().await.unwrap();
+    let got = waiting.await.unwrap().expect("acquired");
+    // Polling every minute, it would only have got in at the end of its 5 s budget.
+    assert!(
+        got.waited() < Duration::from_secs(4),
+        "waited {:?}: not woken by the release",
+        got.waited()
+    );
+}

@@ -1,6 +1,7 @@
 //! Locks on one Redis node (or cluster), and Redlock over several independent masters.
 
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -155,10 +156,13 @@ impl RedisLockBackend {
         let notifiers: Vec<Arc<Notifier>> = stores
             .iter()
             .map(|store| {
-                Arc::new(Notifier {
+                Arc::new_cyclic(|me| Notifier {
                     url: store.config().nodes().first().cloned().unwrap_or_default(),
+                    store: store.clone(),
                     sink: tokio::sync::Mutex::new(None),
                     failed_at: Mutex::new(None),
+                    connections: std::sync::atomic::AtomicU64::new(0),
+                    me: me.clone(),
                 })
             })
             .collect();
@@ -619,8 +623,14 @@ impl LockBackend for RedisLockBackend {
 /// One pub/sub connection to one node, shared by every waiter of the process.
 struct Notifier {
     url: String,
-    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    /// For the channel names of the lock names waited on.
+    store: RedisStore,
+    /// The connection (numbered, so a listener whose connection has been replaced leaves
+    /// the new one alone).
+    sink: tokio::sync::Mutex<Option<(u64, PubSubSink)>>,
     failed_at: Mutex<Option<Instant>>,
+    connections: std::sync::atomic::AtomicU64,
+    me: Weak<Notifier>,
 }
 
 impl Notifier {
@@ -634,14 +644,8 @@ impl Notifier {
         let mut sink = self.sink.lock().await;
         for _ in 0..2 {
             if sink.is_none() {
-                {
-                    let failed_at = self
-                        .failed_at
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    if failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-                        return false;
-                    }
+                if self.failed_recently() {
+                    return false;
                 }
                 match tokio::time::timeout(
                     Duration::from_millis(500),
@@ -651,15 +655,12 @@ impl Notifier {
                 {
                     Ok(Some(connected)) => *sink = Some(connected),
                     _ => {
-                        *self
-                            .failed_at
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+                        self.failed_now();
                         return false;
                     }
                 }
             }
-            let Some(connected) = sink.as_mut() else {
+            let Some((_, connected)) = sink.as_mut() else {
                 return false;
             };
             match tokio::time::timeout(Duration::from_millis(500), connected.subscribe(channel))
@@ -674,7 +675,7 @@ impl Notifier {
 
     async fn unsubscribe(&self, channel: &str) {
         let mut sink = self.sink.lock().await;
-        if let Some(connected) = sink.as_mut()
+        if let Some((_, connected)) = sink.as_mut()
             && !matches!(
                 tokio::time::timeout(Duration::from_millis(500), connected.unsubscribe(channel))
                     .await,
@@ -685,30 +686,90 @@ impl Notifier {
         }
     }
 
-    /// Opens the pub/sub connection and starts the task that wakes waiters on messages.
-    async fn connect(&self, waiters: Weak<WaitList>) -> Option<PubSubSink> {
+    fn failed_recently(&self) -> bool {
+        self.failed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+    }
+
+    fn failed_now(&self) {
+        *self
+            .failed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// Opens a pub/sub connection and starts the task that wakes waiters on its messages.
+    async fn connect(&self, waiters: Weak<WaitList>) -> Option<(u64, PubSubSink)> {
         let client = redis::Client::open(self.url.as_str()).ok()?;
         let pubsub = client.get_async_pubsub().await.ok()?;
-        let (sink, mut stream) = pubsub.split();
-        tokio::spawn(async move {
-            while let Some(message) = stream.next().await {
-                let Some(list) = waiters.upgrade() else {
-                    return;
-                };
-                if let Some(name) = name_of_channel(message.get_channel_name().as_bytes()) {
-                    list.wake(name);
-                }
-            }
-            // The connection is gone: wake every waiter so none sleeps on a message that
-            // cannot come; they poll until a new subscription is made.
-            if let Some(list) = waiters.upgrade() {
-                for name in list.names() {
-                    list.wake(&name);
-                }
-            }
-        });
-        Some(sink)
+        let (sink, stream) = pubsub.split();
+        let number = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        tokio::spawn(listen(stream, waiters, self.me.clone(), number));
+        Some((number, sink))
     }
+
+    /// Connection `number` is gone: unless a newer one already serves, open another and
+    /// subscribe it to every name still waited on, so those waiters keep being woken by
+    /// releases rather than by their polls.
+    async fn resubscribe(&self, number: u64, list: &WaitList, waiters: Weak<WaitList>) {
+        let mut sink = self.sink.lock().await;
+        if sink.as_ref().is_some_and(|(n, _)| *n != number) {
+            return;
+        }
+        *sink = None;
+        let names = list.names();
+        if names.is_empty() || self.failed_recently() {
+            return;
+        }
+        let Ok(Some((n, mut connected))) =
+            tokio::time::timeout(Duration::from_millis(500), self.connect(waiters)).await
+        else {
+            self.failed_now();
+            return;
+        };
+        for name in names {
+            let channel = channel(&self.store, &name);
+            let subscribed =
+                tokio::time::timeout(Duration::from_millis(500), connected.subscribe(&channel))
+                    .await;
+            if !matches!(subscribed, Ok(Ok(()))) {
+                return;
+            }
+        }
+        *sink = Some((n, connected));
+    }
+}
+
+/// Wakes the waiters of each lock name a release is published for, until the connection
+/// ends; then has the notifier reconnect for the names still waited on, and wakes every
+/// waiter once (a release may have come while no connection listened).
+fn listen(
+    mut stream: redis::aio::PubSubStream,
+    waiters: Weak<WaitList>,
+    notifier: Weak<Notifier>,
+    number: u64,
+) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        while let Some(message) = stream.next().await {
+            let Some(list) = waiters.upgrade() else {
+                return;
+            };
+            if let Some(name) = name_of_channel(message.get_channel_name().as_bytes()) {
+                list.wake(name);
+            }
+        }
+        let Some(list) = waiters.upgrade() else {
+            return;
+        };
+        if let Some(notifier) = notifier.upgrade() {
+            notifier.resubscribe(number, &list, waiters.clone()).await;
+        }
+        for name in list.names() {
+            list.wake(&name);
+        }
+    })
 }
 
 #[cfg(test)]
