@@ -443,14 +443,31 @@ impl RedisStore {
         args: &[&[u8]],
     ) -> Result<T, StoreError> {
         self.call(|mut conn| async move {
-            let mut invocation = script.prepare_invoke();
+            // EVALSHA built in place (redis-rs's invocation copies every key and argument
+            // twice); only a NOSCRIPT answer goes through it, which loads the script.
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(script.get_hash()).arg(keys.len());
             for key in keys {
-                invocation.key(*key);
+                cmd.arg(*key);
             }
             for arg in args {
-                invocation.arg(*arg);
+                cmd.arg(*arg);
             }
-            invocation.invoke_async(&mut conn).await
+            match cmd.query_async(&mut conn).await {
+                Err(err)
+                    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    let mut invocation = script.prepare_invoke();
+                    for key in keys {
+                        invocation.key(*key);
+                    }
+                    for arg in args {
+                        invocation.arg(*arg);
+                    }
+                    invocation.invoke_async(&mut conn).await
+                }
+                answer => answer,
+            }
         })
         .await
     }

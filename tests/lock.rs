@@ -811,3 +811,15 @@ async fn a_waiter_whose_pubsub_connection_drops_mid_wait_is_still_woken_by_the_r
         got.waited()
     );
 }
+
+#[tokio::test]
+async fn scripts_flushed_from_redis_are_loaded_again() {
+    let server = RedisServer::start();
+    let locks = LockManager::redis(store(&server).await);
+    let first = cycle(&locks, "flush").await;
+    // A restart with persistence, a failover or an operator empties the script cache.
+    assert_eq!(server.command(&["SCRIPT", "FLUSH"]), "OK");
+    let second = cycle(&locks, "flush").await;
+    assert!(second > first);
+    assert_eq!(server.command(&["EXISTS", "battlement:lock:{flush}"]), "0");
+}
