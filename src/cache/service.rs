@@ -473,7 +473,9 @@ fn revalidate_in_background<S, ReqBody, ResBody>(
     });
 }
 
-/// Polls the shared store for the entry another replica is filling, up to the wait budget.
+/// Polls the shared store for the entry another replica is filling, up to the wait budget:
+/// first after 2 ms (a fast origin is done by then), then at doubling intervals up to
+/// 25 ms, so a slow fill costs the store few reads per waiter.
 async fn wait_for_remote_fill(
     shared: &Shared,
     key: &Key,
@@ -481,8 +483,10 @@ async fn wait_for_remote_fill(
     request_cc: &CacheControl,
 ) -> Option<Arc<Entry>> {
     let deadline = tokio::time::Instant::now() + shared.wait;
+    let mut pause = Duration::from_millis(2);
     while tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(pause.min(deadline - tokio::time::Instant::now())).await;
+        pause = (pause * 2).min(Duration::from_millis(25));
         if let Some(Stored::Response(entry)) = lookup(shared, key, headers).await {
             let now = (shared.clock)();
             if policy::staleness(entry.stored_at, &entry.freshness, now, request_cc)
