@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use battlement::lock::{FencingToken, LockError, LockManager, MemoryLockBackend};
+use battlement::lock::{
+    FencingToken, LockError, LockManager, LockManagerBuilder, MemoryLockBackend,
+};
 use battlement::redis::{RedisConfig, RedisStore};
 use support::RedisServer;
 
@@ -409,13 +411,6 @@ async fn aborted_task_releases_its_guard() {
 #[tokio::test]
 async fn waiter_is_woken_by_release_not_by_polling() {
     let server = RedisServer::start();
-    // Polling every minute: only the release notification can get the waiter in within
-    // its 5 s budget.
-    let slow_poll = || {
-        LockManager::builder()
-            .ttl(Duration::from_secs(30))
-            .retry_backoff(Duration::from_secs(60), Duration::from_secs(60))
-    };
     let holder = slow_poll().redis(store(&server).await);
     let waiter = slow_poll().redis(store(&server).await);
     let guard = holder
@@ -604,6 +599,14 @@ fn now_micros() -> u64 {
         .as_micros() as u64
 }
 
+/// Managers whose waiters poll once a minute: within a few seconds' budget, only a release
+/// notification gets a waiter in before its last attempt at the deadline.
+fn slow_poll() -> LockManagerBuilder {
+    LockManager::builder()
+        .ttl(Duration::from_secs(30))
+        .retry_backoff(Duration::from_secs(60), Duration::from_secs(60))
+}
+
 /// One acquire and release of a free lock; its token.
 async fn cycle(locks: &LockManager, name: &str) -> FencingToken {
     let guard = locks.acquire(name, Duration::from_secs(1)).await.unwrap();
@@ -727,11 +730,6 @@ async fn redlock_quorum_holds_the_token_and_expiry_is_pushed_back_when_stale() {
 #[tokio::test]
 async fn waiters_are_woken_after_the_pubsub_connection_was_dropped() {
     let server = RedisServer::start();
-    let slow_poll = || {
-        LockManager::builder()
-            .ttl(Duration::from_secs(30))
-            .retry_backoff(Duration::from_secs(60), Duration::from_secs(60))
-    };
     let holder = slow_poll().redis(store(&server).await);
     let waiter = slow_poll().redis(store(&server).await);
     for round in 0..2 {
@@ -778,11 +776,6 @@ async fn waiters_are_woken_after_the_pubsub_connection_was_dropped() {
 #[tokio::test]
 async fn a_waiter_whose_pubsub_connection_drops_mid_wait_is_still_woken_by_the_release() {
     let server = RedisServer::start();
-    let slow_poll = || {
-        LockManager::builder()
-            .ttl(Duration::from_secs(30))
-            .retry_backoff(Duration::from_secs(60), Duration::from_secs(60))
-    };
     let holder = slow_poll().redis(store(&server).await);
     let waiter = slow_poll().redis(store(&server).await);
     let guard = holder.acquire("mid", Duration::from_secs(1)).await.unwrap();
