@@ -105,9 +105,9 @@ fn scripts() -> &'static Scripts {
 /// Redlock over independent masters with [`RedisLockBackend::redlock`].
 ///
 /// - Acquire is `SET key owner NX PX ttl` and the fencing counter in one Lua script of
-///   three commands (the same on one node and on each Redlock node) (the plain command alone with [`fencing(false)`](Self::fencing)),
-///   answered with one string rather than an array; extend
-///   and release compare the owner token first (compare-and-pexpire, compare-and-delete).
+///   three commands, the same on one node and on each Redlock node, answered with one
+///   string (the plain command alone with [`fencing(false)`](Self::fencing)); extend and
+///   release compare the owner token first (compare-and-pexpire, compare-and-delete).
 /// - Redlock sends each step to every node in parallel, each under its store's timeout,
 ///   returns as soon as a majority has granted, and undoes a failed attempt on every node.
 ///   Validity is the TTL less the time the attempt took (monotonic clock) less a drift
@@ -350,7 +350,7 @@ fn acquire_on(
     }
 }
 
-/// `"<counter> <epoch>"`, as the acquire scripts answer a grant.
+/// `"<counter> <epoch>"`, as the acquire script answers a grant.
 fn parse_granted(reply: &[u8]) -> Option<(u64, u64)> {
     let reply = std::str::from_utf8(reply).ok()?;
     let (value, epoch) = reply.split_once(' ')?;
