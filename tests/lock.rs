@@ -413,27 +413,37 @@ async fn waiter_is_woken_by_release_not_by_polling() {
     let server = RedisServer::start();
     let holder = slow_poll().redis(store(&server).await);
     let waiter = slow_poll().redis(store(&server).await);
-    let guard = holder
-        .acquire("wake", Duration::from_secs(1))
-        .await
-        .unwrap();
+    let got = woken_by_release(&holder, &waiter, "wake", "").await;
+    assert!(got.waited() >= Duration::from_millis(250));
+}
+
+/// `holder` takes `name` and releases it 300 ms later while `waiter` (a [`slow_poll`]
+/// manager) waits for it with a 5 s budget: the waiter must be woken by the release.
+async fn woken_by_release(
+    holder: &LockManager,
+    waiter: &LockManager,
+    name: &str,
+    label: &str,
+) -> battlement::lock::LockGuard {
+    let guard = holder.acquire(name, Duration::from_secs(1)).await.unwrap();
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
         guard.release().await.unwrap();
     });
     let got = waiter
-        .acquire("wake", Duration::from_secs(5))
+        .acquire(name, Duration::from_secs(5))
         .await
-        .expect("woken by the release");
-    assert!(got.attempts() <= 3, "{} attempts", got.attempts());
-    assert!(got.waited() >= Duration::from_millis(250));
-    // Not woken, it would have slept to the end of its budget and got the lock there.
+        .unwrap_or_else(|e| panic!("{label}: not woken by the release: {e}"));
+    assert!(got.attempts() <= 3, "{label}: {} attempts", got.attempts());
+    // Not woken, it would have slept to the end of its budget (polling every minute) and
+    // got the lock on its last attempt there.
     assert!(
         got.waited() < Duration::from_secs(4),
-        "waited {:?}: not woken by the release",
+        "{label}: waited {:?}: not woken by the release",
         got.waited()
     );
     release.await.unwrap();
+    got
 }
 
 #[tokio::test]
@@ -733,28 +743,8 @@ async fn waiters_are_woken_after_the_pubsub_connection_was_dropped() {
     let holder = slow_poll().redis(store(&server).await);
     let waiter = slow_poll().redis(store(&server).await);
     for round in 0..2 {
-        let guard = holder
-            .acquire("drop", Duration::from_secs(1))
-            .await
-            .unwrap();
-        let release = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            guard.release().await.unwrap();
-        });
-        let got = waiter
-            .acquire("drop", Duration::from_secs(5))
-            .await
-            .unwrap_or_else(|e| panic!("round {round}: not woken by the release: {e}"));
-        assert!(got.attempts() <= 3, "{} attempts", got.attempts());
-        // Not woken, it would have slept to the end of its budget (polling every minute)
-        // and got the lock on its last attempt there.
-        assert!(
-            got.waited() < Duration::from_secs(4),
-            "round {round}: waited {:?}: not woken by the release",
-            got.waited()
-        );
+        let got = woken_by_release(&holder, &waiter, "drop", &format!("round {round}")).await;
         got.release().await.unwrap();
-        release.await.unwrap();
         // The waiter's pub/sub connection goes away (a proxy timeout, a network blip): it
         // is the one that last unsubscribed.
         let clients = server.command(&["CLIENT", "LIST"]);
