@@ -806,3 +806,62 @@ async fn scripts_flushed_from_redis_are_loaded_again() {
     assert!(second > first);
     assert_eq!(server.command(&["EXISTS", "battlement:lock:{flush}"]), "0");
 }
+
+/// A Redis Cluster is one lock service: three managers (as replicas) on a real three-master
+/// cluster exclude each other with increasing tokens; a waiter is woken by a release
+/// published on another master than the one it subscribed on; and names in many slots
+/// each lock and release on their own master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_locks_exclude_wake_and_spread_over_slots() {
+    let cluster = support::RedisCluster::start();
+    let connect = || async {
+        RedisStore::connect(RedisConfig::cluster(cluster.urls()).timeout(Duration::from_secs(1)))
+            .await
+            .expect("connect to the test cluster")
+    };
+    let mut managers = Vec::new();
+    for _ in 0..3 {
+        managers.push(LockManager::redis(connect().await));
+    }
+    mutual_exclusion(managers, 3, 8).await;
+
+    // The notifier listens on the first node. A name whose slot another master serves
+    // (the first node answers MOVED for its key) makes the release's PUBLISH cross the
+    // cluster bus to reach the waiter.
+    let name = (0..100)
+        .map(|i| format!("wake-{i}"))
+        .find(|name| {
+            let key = format!("battlement:lock:{{{name}}}");
+            cluster.command_on(0, &["GET", &key]).starts_with("-MOVED")
+        })
+        .expect("some name hashes away from the first node");
+    let holder = slow_poll().redis(connect().await);
+    let waiter = slow_poll().redis(connect().await);
+    let woken = woken_by_release(&holder, &waiter, &name, "cluster").await;
+    assert!(woken.fencing_token().value() > 0);
+
+    let locks = LockManager::redis(connect().await);
+    let mut masters = std::collections::HashSet::new();
+    for i in 0..30 {
+        let name = format!("spread-{i}");
+        let guard = locks.try_acquire(&name).await.unwrap().expect("free");
+        assert!(guard.fencing_token().value() > 0, "{name}: no token");
+        assert!(
+            locks.try_acquire(&name).await.unwrap().is_none(),
+            "{name}: held twice"
+        );
+        let key = format!("battlement:lock:{{{name}}}");
+        let on: Vec<usize> = (0..3)
+            .filter(|&n| cluster.command_on(n, &["EXISTS", &key]) == "1")
+            .collect();
+        assert_eq!(on.len(), 1, "{name}: held on {on:?}");
+        masters.insert(on[0]);
+        guard.release().await.unwrap();
+        assert_eq!(
+            cluster.command(&["EXISTS", &key]),
+            "0",
+            "{name}: not released"
+        );
+    }
+    assert_eq!(masters.len(), 3, "30 names should land on every master");
+}
