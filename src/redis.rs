@@ -141,6 +141,11 @@ impl RedisConfig {
         &self.nodes
     }
 
+    /// How long opening a connection may take.
+    pub(crate) fn connect_limit(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// Whether this configuration is for a cluster.
     pub fn is_cluster(&self) -> bool {
         self.cluster

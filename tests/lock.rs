@@ -808,9 +808,10 @@ async fn scripts_flushed_from_redis_are_loaded_again() {
 }
 
 /// A Redis Cluster is one lock service: three managers (as replicas) on a real three-master
-/// cluster exclude each other with increasing tokens; a waiter is woken by a release
-/// published on another master than the one it subscribed on; and names in many slots
-/// each lock and release on their own master.
+/// cluster exclude each other with increasing tokens; a waiter is woken by a release on a
+/// shard channel, which stays on its master (nothing crosses the cluster bus), also after
+/// its subscription's connection was killed mid-wait; and names in many slots each lock
+/// and release on their own master.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_locks_exclude_wake_and_spread_over_slots() {
     let cluster = support::RedisCluster::start();
@@ -825,20 +826,78 @@ async fn redis_cluster_locks_exclude_wake_and_spread_over_slots() {
     }
     mutual_exclusion(managers, 3, 8).await;
 
-    // The notifier listens on the first node. A name whose slot another master serves
-    // (the first node answers MOVED for its key) makes the release's PUBLISH cross the
-    // cluster bus to reach the waiter.
-    let name = (0..100)
-        .map(|i| format!("wake-{i}"))
-        .find(|name| {
-            let key = format!("battlement:lock:{{{name}}}");
-            cluster.command_on(0, &["GET", &key]).starts_with("-MOVED")
-        })
-        .expect("some name hashes away from the first node");
     let holder = slow_poll().redis(connect().await);
     let waiter = slow_poll().redis(connect().await);
-    let woken = woken_by_release(&holder, &waiter, &name, "cluster").await;
-    assert!(woken.fencing_token().value() > 0);
+    for (name, kill) in [("wake", false), ("wake-killed", true)] {
+        let key = format!("battlement:lock:{{{name}}}");
+        let channel = format!("{key}:released");
+        let owner = (0..3)
+            .find(|&n| !cluster.command_on(n, &["GET", &key]).starts_with("-MOVED"))
+            .expect("a master serves the key");
+        let shard_subscribers = || {
+            let reply = cluster.command_on(owner, &["PUBSUB", "SHARDNUMSUB", &channel]);
+            reply.lines().nth(1).unwrap_or("").to_owned()
+        };
+        let guard = holder.acquire(name, Duration::from_secs(1)).await.unwrap();
+        let waiting = {
+            let waiter = waiter.clone();
+            let name = name.to_owned();
+            tokio::spawn(async move { waiter.acquire(&name, Duration::from_secs(5)).await })
+        };
+        wait_until(
+            || shard_subscribers() == "1",
+            &format!("{name}: shard subscription"),
+        )
+        .await;
+        for n in 0..3 {
+            let numsub = cluster.command_on(n, &["PUBSUB", "NUMSUB", &channel]);
+            assert_eq!(
+                numsub.lines().nth(1),
+                Some("0"),
+                "{name}: a classic subscriber"
+            );
+        }
+        if kill {
+            let killed = cluster.command_on(owner, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+            assert_eq!(
+                killed, "1",
+                "{name}: the subscription's connection was killed"
+            );
+            // redis-rs reconnects and subscribes again by itself.
+            wait_until(
+                || shard_subscribers() == "1",
+                &format!("{name}: resubscribed"),
+            )
+            .await;
+        }
+        let bus_before = bus_publishes(&cluster);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        guard.release().await.unwrap();
+        let got = waiting
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{name}: not woken by the release: {e}"));
+        // Attempts: the first, one after subscribing, the release's; with the connection
+        // killed, one when it dropped and one when redis-rs subscribed again.
+        let most = if kill { 5 } else { 3 };
+        assert!(
+            got.attempts() <= most,
+            "{name}: {} attempts",
+            got.attempts()
+        );
+        assert!(
+            got.waited() < Duration::from_secs(4),
+            "{name}: waited {:?}: not woken by the release",
+            got.waited()
+        );
+        assert!(got.fencing_token().value() > 0);
+        assert_eq!(
+            bus_publishes(&cluster),
+            bus_before,
+            "{name}: the release crossed the cluster bus"
+        );
+        got.release().await.unwrap();
+    }
 
     let locks = LockManager::redis(connect().await);
     let mut masters = std::collections::HashSet::new();
@@ -864,4 +923,25 @@ async fn redis_cluster_locks_exclude_wake_and_spread_over_slots() {
         );
     }
     assert_eq!(masters.len(), 3, "30 names should land on every master");
+}
+
+/// Classic `PUBLISH` messages the cluster's nodes sent each other over the cluster bus.
+fn bus_publishes(cluster: &support::RedisCluster) -> u64 {
+    (0..3)
+        .map(|n| {
+            let info = cluster.command_on(n, &["CLUSTER", "INFO"]);
+            support::info_value(&info, "cluster_stats_messages_publish_sent")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Polls `check` every 10 ms for up to 3 s; fails the test with `what` if it never holds.
+async fn wait_until(check: impl Fn() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within 3 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -39,7 +39,9 @@
 //!
 //! Waiting is woken by the holder's release (Redis pub/sub, one subscription per lock name
 //! per process, waiters woken one at a time in order), with jittered polling as the safety
-//! net. Errors are distinct: [`LockError::TimedOut`], [`LockError::Lost`],
+//! net. On a Redis Cluster the release goes out on a shard channel in the lock key's slot
+//! (`SPUBLISH`, Redis 7.0+), so it stays on that key's master instead of crossing the
+//! cluster bus to every node; before Redis 7.0 cluster waiters poll. Errors are distinct: [`LockError::TimedOut`], [`LockError::Lost`],
 //! [`LockError::Unavailable`], [`LockError::NoQuorum`].
 //!
 //! ## Fencing tokens: what they guarantee

@@ -1,5 +1,6 @@
 //! Locks on one Redis node (or cluster), and Redlock over several independent masters.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -8,6 +9,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use redis::aio::PubSubSink;
+use redis::cluster_async::ClusterConnection;
 use tokio::time::Instant;
 
 use super::backend::{Attempt, BoxFuture, LockBackend, OwnerToken, Subscription, WaitList};
@@ -72,6 +74,19 @@ end
 return 0
 ";
 
+/// [`RELEASE`] on a Redis Cluster: the release is published on the lock key's shard
+/// channel (same hash tag, same slot), so it reaches the subscribers of that shard only
+/// instead of crossing the cluster bus to every node. A node without sharded pub/sub
+/// (before Redis 7.0) still releases; its waiters poll.
+const RELEASE_SHARDED: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.pcall('SPUBLISH', ARGV[2], '1')
+  return 1
+end
+return 0
+";
+
 /// Raises a node's fencing counter to the token a Redlock acquisition handed out, so the
 /// next quorum (which shares a node with this one) mints a larger token.
 /// KEYS: lock, fence. ARGV: owner, value.
@@ -88,6 +103,7 @@ struct Scripts {
     acquire: Script,
     extend: Script,
     release: Script,
+    release_sharded: Script,
     raise: Script,
 }
 
@@ -97,6 +113,7 @@ fn scripts() -> &'static Scripts {
         acquire: Script::new(ACQUIRE),
         extend: Script::new(EXTEND),
         release: Script::new(RELEASE),
+        release_sharded: Script::new(RELEASE_SHARDED),
         raise: Script::new(RAISE),
     })
 }
@@ -113,7 +130,9 @@ fn scripts() -> &'static Scripts {
 ///   Validity is the TTL less the time the attempt took (monotonic clock) less a drift
 ///   allowance of 1 % of the TTL plus 2 ms.
 /// - Releases are published on a channel per lock name; waiters of this process for one
-///   name share one subscription per node.
+///   name share one subscription per node. On a Redis Cluster the channel is a shard
+///   channel (`SPUBLISH`, Redis 7.0+) in the lock key's slot: a release reaches only its
+///   shard, and the subscription follows the slot when it moves.
 pub struct RedisLockBackend {
     nodes: Vec<Node>,
     quorum: usize,
@@ -160,6 +179,8 @@ impl RedisLockBackend {
                     url: store.config().nodes().first().cloned().unwrap_or_default(),
                     store: store.clone(),
                     sink: tokio::sync::Mutex::new(None),
+                    sharded: tokio::sync::Mutex::new(None),
+                    confirmed: Arc::default(),
                     failed_at: Mutex::new(None),
                     connections: std::sync::atomic::AtomicU64::new(0),
                     me: me.clone(),
@@ -183,11 +204,13 @@ impl RedisLockBackend {
                     .collect();
                 handle.spawn(async move {
                     for (notifier, channel) in targets {
-                        // A waiter that came back meanwhile keeps the subscription.
-                        if weak.upgrade().is_none_or(|w| w.is_waited(&name)) {
+                        // A waiter that came back meanwhile keeps the subscription (checked
+                        // again once the notifier is ours: a subscribe may come first).
+                        let waited = || weak.upgrade().is_none_or(|w| w.is_waited(&name));
+                        if waited() {
                             return;
                         }
-                        notifier.unsubscribe(&channel).await;
+                        notifier.unsubscribe(&channel, waited).await;
                     }
                 });
             })
@@ -266,13 +289,14 @@ fn name_of_channel(channel: &[u8]) -> Option<&str> {
 async fn release_on(node: &Node, name: &str, owner: &str) -> Result<bool, StoreError> {
     let key = lock_key(&node.store, name);
     let channel = channel_of(key.clone());
+    let script = if node.store.config().is_cluster() {
+        &scripts().release_sharded
+    } else {
+        &scripts().release
+    };
     let released: i64 = node
         .store
-        .eval(
-            &scripts().release,
-            &[&key],
-            &[owner.as_bytes(), channel.as_bytes()],
-        )
+        .eval(script, &[&key], &[owner.as_bytes(), channel.as_bytes()])
         .await?;
     Ok(released == 1)
 }
@@ -628,6 +652,13 @@ struct Notifier {
     /// The connection (numbered, so a listener whose connection has been replaced leaves
     /// the new one alone).
     sink: tokio::sync::Mutex<Option<(u64, PubSubSink)>>,
+    /// On a cluster: one RESP3 cluster connection for shard channels. redis-rs moves its
+    /// subscriptions with their slots and restores them after a reconnect.
+    sharded: tokio::sync::Mutex<Option<ClusterConnection>>,
+    /// Shard channels whose subscription has been confirmed: a later confirmation is a
+    /// resubscription (after a reconnect or a slot move), and wakes the channel's waiters
+    /// in case its release came while nobody listened.
+    confirmed: Arc<Mutex<HashSet<String>>>,
     failed_at: Mutex<Option<Instant>>,
     connections: std::sync::atomic::AtomicU64,
     me: Weak<Notifier>,
@@ -641,6 +672,9 @@ impl Notifier {
     /// timeout, a network blip, a Redis restart): a subscribe that fails on it is tried
     /// once more on a new connection, so the next waiter is notified again.
     async fn subscribe(&self, channel: &str, waiters: Weak<WaitList>) -> bool {
+        if self.store.config().is_cluster() {
+            return self.subscribe_sharded(channel, waiters).await;
+        }
         let mut sink = self.sink.lock().await;
         for _ in 0..2 {
             if sink.is_none() {
@@ -673,8 +707,79 @@ impl Notifier {
         false
     }
 
-    async fn unsubscribe(&self, channel: &str) {
+    /// Subscribes to the shard channel `channel` on a cluster, connecting first when
+    /// needed. False when that fails (a cluster before Redis 7.0 has no sharded pub/sub;
+    /// then waiters poll, and a new try comes at most once a second).
+    async fn subscribe_sharded(&self, channel: &str, waiters: Weak<WaitList>) -> bool {
+        let mut sharded = self.sharded.lock().await;
+        if self.failed_recently() {
+            return false;
+        }
+        if sharded.is_none() {
+            let limit = self.store.config().connect_limit();
+            match tokio::time::timeout(limit * 3, self.connect_sharded(waiters)).await {
+                Ok(Some(connected)) => *sharded = Some(connected),
+                _ => {
+                    self.failed_now();
+                    return false;
+                }
+            }
+        }
+        let Some(connected) = sharded.as_mut() else {
+            return false;
+        };
+        match tokio::time::timeout(Duration::from_millis(500), connected.ssubscribe(channel)).await
+        {
+            Ok(Ok(())) => true,
+            _ => {
+                self.failed_now();
+                false
+            }
+        }
+    }
+
+    /// Opens the cluster connection for shard channels. Its pushes are handled as they
+    /// arrive, on redis-rs's own task (see [`on_push`]).
+    async fn connect_sharded(&self, waiters: Weak<WaitList>) -> Option<ClusterConnection> {
+        let config = self.store.config();
+        let confirmed = self.confirmed.clone();
+        let client = redis::cluster::ClusterClientBuilder::new(config.nodes().to_vec())
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(move |push: redis::PushInfo| {
+                on_push(&waiters, &confirmed, push);
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .connection_timeout(config.connect_limit())
+            .response_timeout(config.connect_limit())
+            .build()
+            .ok()?;
+        client.get_async_connection().await.ok()
+    }
+
+    /// Ends the subscription to `channel`, unless `waited` says a waiter has come back.
+    async fn unsubscribe(&self, channel: &str, waited: impl Fn() -> bool) {
+        if self.store.config().is_cluster() {
+            let mut sharded = self.sharded.lock().await;
+            if waited() {
+                return;
+            }
+            if let Some(connected) = sharded.as_mut() {
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    connected.sunsubscribe(channel),
+                )
+                .await;
+            }
+            self.confirmed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(channel);
+            return;
+        }
         let mut sink = self.sink.lock().await;
+        if waited() {
+            return;
+        }
         if let Some((_, connected)) = sink.as_mut()
             && !matches!(
                 tokio::time::timeout(Duration::from_millis(500), connected.unsubscribe(channel))
@@ -739,6 +844,38 @@ impl Notifier {
             }
         }
         *sink = Some((n, connected));
+    }
+}
+
+/// Handles a push of the cluster connection for shard channels: a release wakes the lock
+/// name's waiters; so does a confirmation of a subscription confirmed before (redis-rs
+/// subscribed again after a reconnect or a slot move: a release may have come meanwhile);
+/// a lost node connection wakes every waiter (redis-rs reconnects and resubscribes).
+fn on_push(waiters: &Weak<WaitList>, confirmed: &Mutex<HashSet<String>>, push: redis::PushInfo) {
+    let Some(list) = waiters.upgrade() else {
+        return;
+    };
+    let channel = match push.data.first() {
+        Some(redis::Value::BulkString(channel)) => Some(channel.as_slice()),
+        _ => None,
+    };
+    match (push.kind, channel.and_then(name_of_channel)) {
+        (redis::PushKind::SMessage, Some(name)) => list.wake(name),
+        (redis::PushKind::SSubscribe, Some(name)) => {
+            let again = !confirmed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(String::from_utf8_lossy(channel.unwrap_or_default()).into_owned());
+            if again {
+                list.wake(name);
+            }
+        }
+        (redis::PushKind::Disconnection, _) => {
+            for name in list.names() {
+                list.wake(&name);
+            }
+        }
+        _ => {}
     }
 }
 
