@@ -279,3 +279,75 @@ async fn a_tag_purge_on_one_replica_reaches_the_others() {
     }
     assert!(origin.0.load(Ordering::SeqCst) >= 2);
 }
+
+async fn slow_uncacheable(State(o): State<Origin>) -> impl IntoResponse {
+    o.0.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ([("cache-control", "no-store")], "not for caches")
+}
+
+/// The first call fails slowly with a 500, the next ones answer cacheably.
+async fn slow_then_fixed(State(o): State<Origin>) -> axum::response::Response {
+    let n = o.0.fetch_add(1, Ordering::SeqCst);
+    if n == 0 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        return (StatusCode::INTERNAL_SERVER_ERROR, "origin failed").into_response();
+    }
+    ([("cache-control", "public, max-age=300")], "fixed").into_response()
+}
+
+/// A replica that finds another replica filling an entry waits for it, but not past the
+/// end of that fill: when the fill stored nothing usable (the response was uncacheable, or
+/// a server error), the waiter goes to the origin itself right away instead of waiting out
+/// its budget (5 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_fill_that_stores_nothing_releases_its_waiters_at_once() {
+    let redis = RedisServer::start();
+    for (uri, expected, origin_calls) in [
+        ("/uncacheable", "not for caches", 2),
+        ("/flaky", "fixed", 2),
+    ] {
+        let origin = Origin::default();
+        let mut replicas = Vec::new();
+        for _ in 0..2 {
+            let store = RedisStore::connect(
+                RedisConfig::single(redis.url()).timeout(Duration::from_secs(1)),
+            )
+            .await
+            .unwrap();
+            replicas.push(
+                Router::new()
+                    .route("/uncacheable", get(slow_uncacheable))
+                    .route("/flaky", get(slow_then_fixed))
+                    .with_state(origin.clone())
+                    .layer(CacheLayer::builder().redis(store).build()),
+            );
+        }
+        let first = {
+            let app = replicas[0].clone();
+            tokio::spawn(async move { get_body(&app, uri).await })
+        };
+        // The first replica's claim is in Redis before the second asks.
+        let claim = format!("{uri}: fill claim");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !redis
+            .command(&["KEYS", "battlement:cache:*"])
+            .lines()
+            .any(|k| k.ends_with(":fill"))
+        {
+            assert!(Instant::now() < deadline, "{claim} never appeared");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let started = Instant::now();
+        let (status, body, _) = get_body(&replicas[1], uri).await;
+        let took = started.elapsed();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, expected), "{uri}");
+        assert!(
+            took < Duration::from_secs(2),
+            "{uri}: the second replica waited {took:?} after the fill ended"
+        );
+        first.await.unwrap();
+        assert_eq!(origin.0.load(Ordering::SeqCst), origin_calls, "{uri}");
+        redis.flushall();
+    }
+}

@@ -473,30 +473,67 @@ fn revalidate_in_background<S, ReqBody, ResBody>(
     });
 }
 
+/// What waiting for another replica's fill came to.
+enum RemoteFill {
+    /// It stored a fresh entry.
+    Entry(Arc<Entry>),
+    /// It found the resource uncacheable (a pass marker).
+    Pass,
+    /// It ended without storing anything usable (a server error, an abandoned body, a
+    /// crash that let its claim lapse): this request now holds the claim, and fills.
+    Claimed,
+    /// The wait budget ran out, or the store failed: fill without the claim.
+    GaveUp,
+}
+
 /// Polls the shared store for the entry another replica is filling, up to the wait budget:
 /// first after 2 ms (a fast origin is done by then), then at doubling intervals up to
-/// 25 ms, so a slow fill costs the store few reads per waiter.
+/// 25 ms, so a slow fill costs the store few reads per waiter. A read that finds nothing
+/// usable tries to take the fill claim: once the other fill has ended, this request gets
+/// it and goes to the origin at once rather than waiting out its budget.
 async fn wait_for_remote_fill(
     shared: &Shared,
     key: &Key,
     headers: &HeaderMap,
     request_cc: &CacheControl,
-) -> Option<Arc<Entry>> {
+) -> RemoteFill {
+    let fresh = |stored: Option<Stored>| match stored {
+        Some(Stored::Response(entry))
+            if policy::staleness(
+                entry.stored_at,
+                &entry.freshness,
+                (shared.clock)(),
+                request_cc,
+            ) == Staleness::Fresh =>
+        {
+            Some(RemoteFill::Entry(entry))
+        }
+        Some(Stored::Pass) => Some(RemoteFill::Pass),
+        _ => None,
+    };
     let deadline = tokio::time::Instant::now() + shared.wait;
     let mut pause = Duration::from_millis(2);
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(pause.min(deadline - tokio::time::Instant::now())).await;
         pause = (pause * 2).min(Duration::from_millis(25));
-        if let Some(Stored::Response(entry)) = lookup(shared, key, headers).await {
-            let now = (shared.clock)();
-            if policy::staleness(entry.stored_at, &entry.freshness, now, request_cc)
-                == Staleness::Fresh
-            {
-                return Some(entry);
+        if let Some(found) = fresh(lookup(shared, key, headers).await) {
+            return found;
+        }
+        match shared.store.claim_fill(key, shared.wait).await {
+            Ok(false) => {}
+            Ok(true) => {
+                // The other fill has ended. What it stored just before its claim went
+                // away is read once more; otherwise this request fills.
+                if let Some(found) = fresh(lookup(shared, key, headers).await) {
+                    let _ = shared.store.release_fill(key).await;
+                    return found;
+                }
+                return RemoteFill::Claimed;
             }
+            Err(_) => return RemoteFill::GaveUp,
         }
     }
-    None
+    RemoteFill::GaveUp
 }
 
 /// A fresh entry for `req` from a store that answers without waiting, if there is one.
@@ -711,7 +748,7 @@ where
                                     Ok(false) => {
                                         // Another replica is filling: wait for its entry.
                                         let headers = req.headers().clone();
-                                        if let Some(entry) = wait_for_remote_fill(
+                                        match wait_for_remote_fill(
                                             &shared,
                                             &key,
                                             &headers,
@@ -719,9 +756,25 @@ where
                                         )
                                         .await
                                         {
-                                            guard.deliver(&entry);
-                                            drop(guard);
-                                            return Ok(serve(&shared, &req, &entry, true, None));
+                                            RemoteFill::Entry(entry) => {
+                                                guard.deliver(&entry);
+                                                drop(guard);
+                                                return Ok(serve(
+                                                    &shared, &req, &entry, true, None,
+                                                ));
+                                            }
+                                            RemoteFill::Pass => {
+                                                // Uncacheable: this request and the ones
+                                                // queued behind it go straight through.
+                                                drop(guard);
+                                                note(&req, CacheStatus::Bypass, None);
+                                                let response = inner.call(req).await?;
+                                                return Ok(forwarded(
+                                                    &shared, response, "uri-miss", None,
+                                                ));
+                                            }
+                                            RemoteFill::Claimed => guard.claimed_in_store = true,
+                                            RemoteFill::GaveUp => {}
                                         }
                                     }
                                     // The store is down: fill without it.
