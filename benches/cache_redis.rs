@@ -3,7 +3,8 @@
 //!
 //! One axum route answering a 1 KiB body with `Cache-Control: public, max-age=300`, warmed
 //! so that every measured request is a hit read from Redis (the bench panics otherwise).
-//! A criterion group measures one caller's hits; then one fixed pass of 20,000 hits from 64
+//! A criterion group measures one caller's hits, from Redis and from the memory tier of
+//! `CacheBuilder::tiered` (same entry, read from Redis once); then one fixed pass of 20,000 hits from 64
 //! concurrent callers on a 2-worker runtime prints hits/s, p50 and p99.
 //!
 //! Run with `cargo bench --all-features --bench cache_redis`.
@@ -34,6 +35,16 @@ fn app(store: RedisStore) -> Router {
         .layer(CacheLayer::builder().redis(store).build())
 }
 
+/// The same route behind `CacheBuilder::tiered`: hits come from this process's memory.
+fn tiered_app(store: RedisStore) -> Router {
+    Router::new()
+        .route(
+            "/products/{id}",
+            get(|| async { ([("cache-control", "public, max-age=300")], "x".repeat(1024)) }),
+        )
+        .layer(CacheLayer::builder().tiered(store).build())
+}
+
 async fn hit(app: &Router) -> Duration {
     let started = Instant::now();
     let res = app
@@ -58,11 +69,12 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let app = rt.block_on(async {
+    let (app, tiered) = rt.block_on(async {
         let store =
             RedisStore::connect(RedisConfig::single(redis.url()).timeout(Duration::from_secs(1)))
                 .await
                 .expect("connect to the bench's redis-server");
+        let tiered = tiered_app(store.clone());
         let app = app(store);
         // Warm: the miss, then wait until the entry is in Redis.
         let _ = app
@@ -83,11 +95,16 @@ fn bench(c: &mut Criterion) {
             assert!(Instant::now() < deadline, "the entry never reached Redis");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        app
+        // The tiered app reads the entry from Redis once, then keeps it in memory.
+        hit(&tiered).await;
+        (app, tiered)
     });
 
     let mut group = c.benchmark_group("cache_redis");
     group.bench_function("hit_one_caller", |b| b.to_async(&rt).iter(|| hit(&app)));
+    group.bench_function("tiered_memory_hit", |b| {
+        b.to_async(&rt).iter(|| hit(&tiered))
+    });
     group.finish();
 
     let (elapsed, mut latencies) = rt.block_on(async {

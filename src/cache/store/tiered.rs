@@ -100,6 +100,12 @@ async fn listen(store: Weak<TieredStore>) {
 }
 
 impl Store for TieredStore {
+    /// A memory-tier hit, answered at once (with the memory store's per-thread front) so the
+    /// layer serves it on its allocation-free path; a memory miss asks [`Store::get`].
+    fn get_now(&self, key: &[u8]) -> Option<Option<Stored>> {
+        self.memory.as_ref()?.get_now(key)?.map(Some)
+    }
+
     fn get<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<Option<Stored>, StoreError>> {
         Box::pin(async move {
             let Some(memory) = &self.memory else {
