@@ -351,3 +351,190 @@ async fn a_remote_fill_that_stores_nothing_releases_its_waiters_at_once() {
         redis.flushall();
     }
 }
+
+/// Tag versions are one shared truth: a replica started after a tag was purged (or one
+/// that missed the purge while its subscription was down) reads the tag's version from
+/// Redis instead of assuming it was never purged. Otherwise it takes every entry stored
+/// since the purge for purged, and stores entries the other replicas take for purged:
+/// each request through the other replica goes to the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_agree_on_tag_versions_whenever_they_started() {
+    let redis = RedisServer::start();
+    let origin = Origin::default();
+    let replica = |tiered: bool| {
+        let origin = origin.clone();
+        let url = redis.url();
+        async move {
+            let store = RedisStore::connect(RedisConfig::single(url)).await.unwrap();
+            let builder = CacheLayer::builder();
+            let layer = if tiered {
+                builder.tiered(store).build()
+            } else {
+                builder.redis(store).build()
+            };
+            let app = Router::new()
+                .route("/t", get(tagged))
+                .with_state(origin)
+                .layer(layer.clone());
+            (layer, app)
+        }
+    };
+    let (layer_a, app_a) = replica(true).await;
+    get_body(&app_a, "/t").await;
+    stored(&redis).await;
+    layer_a.purge_tag("product-3").await;
+    // A refills after its own purge.
+    let (_, _, cache) = get_body(&app_a, "/t").await;
+    assert!(!cache.contains("hit"), "purged on A, still a hit: {cache}");
+    assert_eq!(origin.0.load(Ordering::SeqCst), 2);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    for tiered in [true, false] {
+        // Started after the purge: the entry A stored since is valid for it too, and what
+        // it stores is valid for A.
+        let (_, app_b) = replica(tiered).await;
+        for (who, app) in [("B", &app_b), ("A", &app_a), ("B", &app_b), ("A", &app_a)] {
+            let (_, body, cache) = get_body(app, "/t").await;
+            assert_eq!(body, "tagged product");
+            assert!(
+                cache.contains("hit"),
+                "tiered {tiered}: replica {who} missed: {cache}"
+            );
+        }
+        assert_eq!(origin.0.load(Ordering::SeqCst), 2, "tiered {tiered}");
+    }
+}
+
+/// A replica whose purge subscription was down while another replica purged a tag has
+/// missed the message: once it listens again it forgets its memory tier and its tag
+/// versions, so it does not go on serving the purged entry from memory. (Redis ACLs take
+/// the subscription away from replica B alone: its user loses channel access, which drops
+/// its subscription and refuses a new one until access comes back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_a_purge_forgets_its_memory_tier_when_it_listens_again() {
+    let redis = RedisServer::start();
+    assert_eq!(
+        redis.command(&[
+            "ACL", "SETUSER", "writer", "on", "nopass", "~*", "&*", "+@all"
+        ]),
+        "OK"
+    );
+    let origin = Origin::default();
+    let mut layers = Vec::new();
+    let mut apps = Vec::new();
+    for url in [
+        format!("redis://writer:any@127.0.0.1:{}/", redis.port()),
+        redis.url(),
+    ] {
+        let store = RedisStore::connect(RedisConfig::single(url)).await.unwrap();
+        let layer = CacheLayer::builder().tiered(store).build();
+        apps.push(
+            Router::new()
+                .route("/t", get(tagged))
+                .with_state(origin.clone())
+                .layer(layer.clone()),
+        );
+        layers.push(layer);
+    }
+    let subscribers = || {
+        let channel = "battlement:cache-purge:{all}";
+        let reply = redis.command(&["PUBSUB", "NUMSUB", channel]);
+        reply.lines().nth(1).unwrap_or("").to_owned()
+    };
+    let wait_for = |n: &'static str| {
+        let subscribers = &subscribers;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while subscribers() != n {
+                assert!(Instant::now() < deadline, "never {n} subscribers");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_for("2").await;
+    get_body(&apps[0], "/t").await;
+    stored(&redis).await;
+    let (_, _, cache) = get_body(&apps[1], "/t").await;
+    assert!(cache.contains("hit"), "B reads it from Redis: {cache}");
+    let (_, _, cache) = get_body(&apps[1], "/t").await;
+    assert!(cache.contains("hit"), "B serves it from memory: {cache}");
+
+    assert_eq!(
+        redis.command(&["ACL", "SETUSER", "default", "resetchannels"]),
+        "OK"
+    );
+    wait_for("1").await;
+    layers[0].purge_tag("product-3").await;
+    assert_eq!(
+        redis.command(&["ACL", "SETUSER", "default", "allchannels"]),
+        "OK"
+    );
+    wait_for("2").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let calls = origin.0.load(Ordering::SeqCst);
+    let (_, body, cache) = get_body(&apps[1], "/t").await;
+    assert_eq!(body, "tagged product");
+    assert!(
+        !cache.contains("hit"),
+        "B served the purged entry from its memory tier: {cache}"
+    );
+    assert_eq!(origin.0.load(Ordering::SeqCst), calls + 1);
+}
+
+/// On a cluster, the memory tier's purge subscription goes round the configured nodes: a
+/// node listed first that cannot be reached does not keep purges from the others away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_reach_the_memory_tier_when_the_first_listed_cluster_node_is_down() {
+    let cluster = support::RedisCluster::start();
+    let dead = format!("redis://127.0.0.1:{}/", support::free_port());
+    let origin = Origin::default();
+    let mut layers = Vec::new();
+    let mut apps = Vec::new();
+    for first_dead in [false, true] {
+        let mut nodes = cluster.urls();
+        if first_dead {
+            nodes.insert(0, dead.clone());
+        }
+        let store =
+            RedisStore::connect(RedisConfig::cluster(nodes).timeout(Duration::from_secs(1)))
+                .await
+                .unwrap();
+        let layer = CacheLayer::builder().tiered(store).build();
+        apps.push(
+            Router::new()
+                .route("/products/{id}", get(product))
+                .with_state(origin.clone())
+                .layer(layer.clone()),
+        );
+        layers.push(layer);
+    }
+    get_body(&apps[0], "/products/5").await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (_, _, cache) = get_body(&apps[1], "/products/5").await;
+        if cache.contains("hit") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never stored: {cache}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, _, cache) = get_body(&apps[1], "/products/5").await;
+    assert!(cache.contains("hit"), "{cache}");
+    let calls = origin.0.load(Ordering::SeqCst);
+    // The subscription of replica 1 reaches a live node after one failed try (a second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    layers[0].purge("/products/5", None).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (_, _, cache) = get_body(&apps[1], "/products/5").await;
+        if !cache.contains("hit") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the purge never reached the replica whose first node is down: {cache}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(origin.0.load(Ordering::SeqCst), calls + 1);
+}

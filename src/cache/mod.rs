@@ -32,8 +32,11 @@
 //! The store is in memory, bounded in bytes; with the `redis` feature, in Redis
 //! ([`CacheBuilder::redis`]) or tiered, memory in front of Redis ([`CacheBuilder::tiered`]),
 //! where replicas coordinate fills (one origin call across them) and purges reach every
-//! replica's memory tier. A slow or absent store sends requests to the origin. The cache writes its status and the entry's
-//! age into the annotation record.
+//! replica's memory tier. Tag versions live in Redis: a replica reads a tag's version the
+//! first time it meets the tag, so replicas started at different times agree, and one that
+//! was cut off from purge messages forgets its memory tier and its versions once it hears
+//! them again. A slow or absent store sends requests to the origin. The cache writes its
+//! status and the entry's age into the annotation record.
 //!
 //! ```
 //! use axum::{Router, routing::get};

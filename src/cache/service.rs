@@ -72,15 +72,17 @@ impl Shared {
     }
 }
 
+/// How many tag versions a process keeps for a shared store before it starts over.
+const MAX_KNOWN_TAGS: usize = 100_000;
+
 /// Response headers that name purge tags; they never leave the cache.
 const TAG_HEADERS: [&str; 2] = ["surrogate-key", "cache-tag"];
 
 impl Shared {
-    /// The tags of a response (`Surrogate-Key` is space-separated, `Cache-Tag`
-    /// comma-separated), with their current versions.
-    fn tags(&self, headers: &HeaderMap) -> Vec<(String, u64)> {
-        let versions = self.tag_versions.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<(String, u64)> = Vec::new();
+    /// The tags a response names (`Surrogate-Key` is space-separated, `Cache-Tag`
+    /// comma-separated), at most 64.
+    fn tag_names(headers: &HeaderMap) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
         for (i, name) in TAG_HEADERS.iter().enumerate() {
             for value in headers.get_all(*name) {
                 let Ok(text) = value.to_str() else { continue };
@@ -89,9 +91,9 @@ impl Shared {
                 } else {
                     text.split(',').map(str::trim).collect()
                 };
-                for tag in parts.into_iter().filter(|t| !t.is_empty()).take(64) {
-                    if !out.iter().any(|(t, _)| t == tag) {
-                        out.push((tag.to_owned(), versions.get(tag).copied().unwrap_or(0)));
+                for tag in parts.into_iter().filter(|t| !t.is_empty()) {
+                    if out.len() < 64 && !out.iter().any(|t| t == tag) {
+                        out.push(tag.to_owned());
                     }
                 }
             }
@@ -99,16 +101,88 @@ impl Shared {
         out
     }
 
-    /// Whether a tag of `entry` was purged after it was stored.
-    fn purged(&self, entry: &Entry) -> bool {
-        if entry.tags.is_empty() {
-            return false;
+    /// The tags of a response with their current versions (learnt from a shared store
+    /// first, when this process does not know them yet).
+    async fn tags(&self, headers: &HeaderMap) -> Vec<(String, u64)> {
+        let names = Self::tag_names(headers);
+        if names.is_empty() {
+            return Vec::new();
         }
+        // Could not be read: version 0, which other replicas take for purged if the tag
+        // was purged (a miss for them, never a stale hit).
+        let _ = self.learn_tags(&names).await;
         let versions = self.tag_versions.lock().unwrap_or_else(|e| e.into_inner());
-        entry
-            .tags
-            .iter()
-            .any(|(tag, v)| versions.get(tag).copied().unwrap_or(0) != *v)
+        names
+            .into_iter()
+            .map(|tag| {
+                let v = versions.get(&tag).copied().unwrap_or(0);
+                (tag, v)
+            })
+            .collect()
+    }
+
+    /// Reads from a shared store the versions of the `tags` this process does not know yet
+    /// (it learns a version when it first meets a tag, and from purge messages after that).
+    /// False when they could not be read.
+    async fn learn_tags(&self, tags: &[String]) -> bool {
+        let unknown: Vec<String> = {
+            let versions = self.tag_versions.lock().unwrap_or_else(|e| e.into_inner());
+            tags.iter()
+                .filter(|t| !versions.contains_key(t.as_str()))
+                .cloned()
+                .collect()
+        };
+        if unknown.is_empty() {
+            return true;
+        }
+        let Some(read) = self.store.tag_versions(&unknown) else {
+            return true;
+        };
+        let Ok(Ok(found)) = tokio::time::timeout(self.store_timeout * 2, read).await else {
+            return false;
+        };
+        let mut versions = self.tag_versions.lock().unwrap_or_else(|e| e.into_inner());
+        if versions.len() + unknown.len() > MAX_KNOWN_TAGS {
+            // Bounded: forgotten versions are read again when needed.
+            versions.clear();
+        }
+        for (tag, version) in unknown.into_iter().zip(found) {
+            let current = versions.entry(tag).or_insert(0);
+            *current = (*current).max(version);
+        }
+        true
+    }
+
+    /// Whether `entry` was stored before a purge of one of its tags; `None` when a tag's
+    /// version is not known here yet (a shared store's: [`Shared::purged`] reads it).
+    fn purged_now(&self, entry: &Entry) -> Option<bool> {
+        if entry.tags.is_empty() {
+            return Some(false);
+        }
+        let local = !self.store.shared();
+        let versions = self.tag_versions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut purged = false;
+        for (tag, v) in entry.tags.iter() {
+            match versions.get(tag) {
+                Some(current) => purged |= current != v,
+                None if local => purged |= *v != 0,
+                None => return None,
+            }
+        }
+        Some(purged)
+    }
+
+    /// [`Shared::purged_now`], reading unknown tag versions from the shared store; an entry
+    /// whose versions cannot be read counts as purged.
+    async fn purged(&self, entry: &Entry) -> bool {
+        if let Some(purged) = self.purged_now(entry) {
+            return purged;
+        }
+        let names: Vec<String> = entry.tags.iter().map(|(t, _)| t.clone()).collect();
+        if !self.learn_tags(&names).await {
+            return true;
+        }
+        self.purged_now(entry).unwrap_or(true)
     }
 
     /// Purges every entry stored with `tag`: in every replica when the store is shared
@@ -423,7 +497,7 @@ where
         status: response.status(),
         headers: stored_headers(response.headers()),
         freshness,
-        tags: shared.tags(response.headers()),
+        tags: shared.tags(response.headers()).await,
         buf: BytesMut::new(),
         fill,
     });
@@ -575,7 +649,7 @@ fn fresh_hit_now<B, R: Body>(shared: &Arc<Shared>, req: &Request<B>) -> Option<A
         Stored::Response(entry) => entry,
         _ => return None,
     };
-    if shared.purged(&entry) {
+    if shared.purged_now(&entry) != Some(false) {
         return None;
     }
     let now = (shared.clock)();
@@ -696,8 +770,12 @@ where
             let mut fallback: Option<Arc<Entry>> = None;
             if verdict == RequestVerdict::Lookup {
                 loop {
-                    match lookup(&shared, &key, req.headers()).await {
-                        Some(Stored::Response(entry)) if !shared.purged(&entry) => {
+                    let found = match lookup(&shared, &key, req.headers()).await {
+                        Some(Stored::Response(entry)) if shared.purged(&entry).await => None,
+                        found => found,
+                    };
+                    match found {
+                        Some(Stored::Response(entry)) => {
                             let now = (shared.clock)();
                             match policy::staleness(
                                 entry.stored_at,
@@ -792,7 +870,7 @@ where
                             let delivered = rx.borrow().clone();
                             if let Some(entry) = delivered
                                 && !entry.headers.contains_key(http::header::VARY)
-                                && !shared.purged(&entry)
+                                && shared.purged_now(&entry) == Some(false)
                             {
                                 let now = (shared.clock)();
                                 if policy::staleness(

@@ -116,6 +116,12 @@ impl MemoryStore {
         }
     }
 
+    /// Forgets every entry (and makes every thread's front copies stale).
+    pub(crate) fn clear(&self) {
+        self.cache.invalidate_all();
+        self.changed();
+    }
+
     /// Makes every front entry of this store stale. Called after the change, so that a
     /// lookup that read moka before it is tagged with the old generation.
     fn changed(&self) {

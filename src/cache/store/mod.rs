@@ -177,4 +177,14 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn purge_tag<'a>(&'a self, _tag: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(std::future::ready(Ok(None)))
     }
+
+    /// The current versions of `tags` in every process sharing this store (0 for a tag
+    /// never purged), in order; `None` for a store private to one process, whose layer's
+    /// own versions are the whole truth.
+    fn tag_versions<'a>(
+        &'a self,
+        _tags: &'a [String],
+    ) -> Option<BoxFuture<'a, Result<Vec<u64>, StoreError>>> {
+        None
+    }
 }

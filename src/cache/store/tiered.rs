@@ -47,14 +47,23 @@ impl TieredStore {
     }
 }
 
-/// Removes from this memory tier every key another replica purged. Reconnects after
-/// Redis goes away.
+/// Removes from this memory tier every key another replica purged.
+///
+/// When the subscription drops (Redis restarted, a proxy's idle timeout, a network blip),
+/// it subscribes again at once, then every second while that fails, going round the
+/// configured nodes (any node of a cluster hears every purge). Purges published while it
+/// was not listening are lost, so after a reconnect the memory tier is emptied: the next
+/// requests read Redis again rather than serve what may have been purged, and the tag
+/// versions this process knows are forgotten (they are read from Redis again).
 async fn listen(store: Weak<TieredStore>) {
+    let mut attempt = 0usize;
+    let mut listened = false;
     loop {
         let Some((url, channel, memory, versions)) = store.upgrade().and_then(|s| {
-            s.publisher.config().nodes().first().map(|url| {
+            let nodes = s.publisher.config().nodes();
+            (!nodes.is_empty()).then(|| {
                 (
-                    url.clone(),
+                    nodes[attempt % nodes.len()].clone(),
                     s.channel.clone(),
                     s.memory.clone(),
                     s.versions.clone(),
@@ -63,13 +72,28 @@ async fn listen(store: Weak<TieredStore>) {
         }) else {
             return;
         };
+        attempt += 1;
         let subscribed = async {
             let client = redis::Client::open(url.as_str()).ok()?;
             let mut pubsub = client.get_async_pubsub().await.ok()?;
             pubsub.subscribe(&channel).await.ok()?;
             Some(pubsub)
         };
-        if let Some(pubsub) = subscribed.await {
+        let subscribed = tokio::time::timeout(Duration::from_secs(2), subscribed)
+            .await
+            .ok()
+            .flatten();
+        if let Some(pubsub) = subscribed {
+            if listened {
+                // Purges may have been missed: forget what they could have changed. Tag
+                // versions are read from Redis again as entries need them.
+                if let Some(memory) = &memory {
+                    memory.clear();
+                }
+                versions.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            }
+            listened = true;
+            let since = tokio::time::Instant::now();
             let mut messages = pubsub.into_on_message();
             while let Some(message) = messages.next().await {
                 if store.strong_count() == 0 {
@@ -90,11 +114,19 @@ async fn listen(store: Weak<TieredStore>) {
                     let _ = memory.remove(payload).await;
                 }
             }
+            if store.strong_count() == 0 {
+                return;
+            }
+            // Dropped: straight back, to the same node first (unless it keeps dropping).
+            attempt -= 1;
+            if since.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            continue;
         }
         if store.strong_count() == 0 {
             return;
         }
-        // Purges missed while disconnected are bounded by MEMORY_TTL.
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -178,6 +210,31 @@ impl Store for TieredStore {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn tag_versions<'a>(
+        &'a self,
+        tags: &'a [String],
+    ) -> Option<BoxFuture<'a, Result<Vec<u64>, StoreError>>> {
+        Some(Box::pin(async move {
+            // One read per tag, side by side: each counter has its own slot on a cluster.
+            let reads = tags.iter().map(|tag| {
+                let counter = self.publisher.key("cache-tag", tag);
+                async move {
+                    self.publisher
+                        .call(|mut conn| async move {
+                            redis::cmd("GET")
+                                .arg(&counter)
+                                .query_async::<Option<u64>>(&mut conn)
+                                .await
+                        })
+                        .await
+                        .map(Option::unwrap_or_default)
+                        .map_err(|e| StoreError::Failed(e.to_string()))
+                }
+            });
+            futures_util::future::try_join_all(reads).await
+        }))
     }
 
     fn purge_tag<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
