@@ -117,6 +117,7 @@ impl MemoryStore {
     }
 
     /// Forgets every entry (and makes every thread's front copies stale).
+    #[cfg(feature = "redis")]
     pub(crate) fn clear(&self) {
         self.cache.invalidate_all();
         self.changed();
