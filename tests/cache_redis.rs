@@ -538,3 +538,79 @@ async fn purges_reach_the_memory_tier_when_the_first_listed_cluster_node_is_down
     }
     assert_eq!(origin.0.load(Ordering::SeqCst), calls + 1);
 }
+
+async fn by_language(State(o): State<Origin>, headers: http::HeaderMap) -> impl IntoResponse {
+    o.0.fetch_add(1, Ordering::SeqCst);
+    let lang = headers
+        .get("accept-language")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("en")
+        .to_owned();
+    (
+        [
+            ("cache-control", "public, max-age=300"),
+            ("vary", "accept-language"),
+        ],
+        lang,
+    )
+}
+
+/// Variants are shared by the replicas, and a purge of the URL on one replica reaches
+/// every variant on all of them (the variant list starts a new generation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variants_are_shared_and_a_purge_reaches_every_variant() {
+    let redis = RedisServer::start();
+    let origin = Origin::default();
+    let mut layers = Vec::new();
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        let store =
+            RedisStore::connect(RedisConfig::single(redis.url()).timeout(Duration::from_secs(1)))
+                .await
+                .unwrap();
+        let layer = CacheLayer::builder().redis(store).build();
+        apps.push(
+            Router::new()
+                .route("/lang", get(by_language))
+                .with_state(origin.clone())
+                .layer(layer.clone()),
+        );
+        layers.push(layer);
+    }
+    let ask = |app: &Router, lang: &'static str| {
+        let app = app.clone();
+        async move {
+            let res = app
+                .oneshot(
+                    Request::get("/lang")
+                        .header("accept-language", lang)
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let cache = res.headers()["cache-status"].to_str().unwrap().to_owned();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, lang.as_bytes());
+            // Let the write that follows the body reach Redis.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            cache.contains("hit")
+        }
+    };
+    assert!(!ask(&apps[0], "fr").await);
+    assert!(!ask(&apps[1], "de").await);
+    assert!(
+        ask(&apps[1], "fr").await,
+        "fr stored by replica 0, read by 1"
+    );
+    assert!(
+        ask(&apps[0], "de").await,
+        "de stored by replica 1, read by 0"
+    );
+    assert_eq!(origin.0.load(Ordering::SeqCst), 2);
+    layers[0].purge("/lang", None).await;
+    assert!(!ask(&apps[1], "fr").await, "fr after the purge");
+    assert!(!ask(&apps[0], "de").await, "de after the purge");
+    assert!(ask(&apps[0], "fr").await && ask(&apps[1], "de").await);
+    assert_eq!(origin.0.load(Ordering::SeqCst), 4);
+}

@@ -117,10 +117,18 @@ pub(crate) fn primary_into(
     Some(())
 }
 
-/// The variant key of `primary` for a response that varies on `vary` (lowercase names).
-pub(crate) fn variant(primary: &[u8], vary: &[HeaderName], headers: &HeaderMap) -> Key {
-    let mut out = Vec::with_capacity(primary.len() + 32 * vary.len());
+/// The variant key of `primary` for a response that varies on `vary` (lowercase names),
+/// in the variant list's `generation` (a purge of the URL drops the list, and the next one
+/// starts a new generation, so variants stored before the purge are never reached again).
+pub(crate) fn variant(
+    primary: &[u8],
+    vary: &[HeaderName],
+    generation: u64,
+    headers: &HeaderMap,
+) -> Key {
+    let mut out = Vec::with_capacity(primary.len() + 8 + 32 * vary.len());
     push(&mut out, primary);
+    push(&mut out, &generation.to_be_bytes());
     for name in vary {
         push(&mut out, name.as_str().as_bytes());
         let values: Vec<&[u8]> = headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
@@ -229,11 +237,19 @@ mod tests {
         de.insert("accept-language", "de".parse().unwrap());
         let mut other = de.clone();
         other.insert("x-unrelated", "1".parse().unwrap());
-        assert_ne!(variant(&shared, &vary, &fr), variant(&shared, &vary, &de));
+        assert_ne!(
+            variant(&shared, &vary, 1, &fr),
+            variant(&shared, &vary, 1, &de)
+        );
         // A header outside the key changes nothing.
         assert_eq!(
-            variant(&shared, &vary, &de),
-            variant(&shared, &vary, &other)
+            variant(&shared, &vary, 1, &de),
+            variant(&shared, &vary, 1, &other)
+        );
+        // Another generation of the variant list, another key.
+        assert_ne!(
+            variant(&shared, &vary, 1, &de),
+            variant(&shared, &vary, 2, &de)
         );
     }
 }

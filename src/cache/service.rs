@@ -304,7 +304,9 @@ async fn get(shared: &Shared, key: &[u8]) -> Option<Stored> {
 
 async fn lookup(shared: &Shared, key: &[u8], headers: &HeaderMap) -> Option<Stored> {
     match get(shared, key).await? {
-        Stored::Vary(names) => get(shared, &variant(key, &names, headers)).await,
+        Stored::Vary(names, generation) => {
+            get(shared, &variant(key, &names, generation, headers)).await
+        }
         found => Some(found),
     }
 }
@@ -430,6 +432,24 @@ fn stored_headers(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// A generation for a new variant list: unique across processes in practice (a per-process
+/// random hasher over the clock and a counter).
+fn new_generation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let mut hasher = SEED.get_or_init(Default::default).build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    hasher.finish()
+}
+
 /// Calls the origin with `req` and wraps the response so that it is stored when its body
 /// ends (if it may be), or leaves a pass marker (if it may not).
 async fn from_origin<S, ReqBody, ResBody>(
@@ -485,11 +505,21 @@ where
         key.clone()
     } else {
         let names: Arc<[HeaderName]> = vary.clone().into();
+        // The variant list's generation: the current list's when it varies on the same
+        // headers, else a new one (the first fill after a purge of the URL starts one).
+        let generation = match get(shared, key).await {
+            Some(Stored::Vary(current, generation)) if current == names => generation,
+            _ => new_generation(),
+        };
         let _ = shared
             .store
-            .put(key.clone(), Stored::Vary(names), freshness.retain())
+            .put(
+                key.clone(),
+                Stored::Vary(names, generation),
+                freshness.retain(),
+            )
             .await;
-        variant(key, &vary, &req_headers)
+        variant(key, &vary, generation, &req_headers)
     };
     let capture = Box::new(Capture {
         shared: shared.clone(),
@@ -639,9 +669,11 @@ fn fresh_hit_now<B, R: Body>(shared: &Arc<Shared>, req: &Request<B>) -> Option<A
             &mut key,
         )?;
         match shared.store.get_now(&key)?? {
-            Stored::Vary(names) => shared
-                .store
-                .get_now(&variant(&key, &names, req.headers()))?,
+            Stored::Vary(names, generation) => {
+                shared
+                    .store
+                    .get_now(&variant(&key, &names, generation, req.headers()))?
+            }
             other => Some(other),
         }
     });

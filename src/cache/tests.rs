@@ -658,3 +658,36 @@ async fn age_and_ttl_follow_the_clock_hit_after_hit() {
     }
     assert_eq!(origin.calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_purge_reaches_every_variant_of_the_uri() {
+    let origin = Origin::default();
+    let cache = CacheLayer::builder().build();
+    let app = Router::new()
+        .route("/lang", get(language))
+        .with_state(origin.clone())
+        .layer(cache.clone());
+    let lang = |l: &str| {
+        Request::get("/lang")
+            .header("accept-language", l)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for l in ["fr", "de", "fr", "de"] {
+        send(&app, lang(l)).await;
+    }
+    assert_eq!(origin.calls(), 2);
+    cache.purge("/lang", None).await;
+    // The first variant asked again stores the variant list anew; the other must not come
+    // back from before the purge.
+    for l in ["fr", "de"] {
+        let a = send(&app, lang(l)).await;
+        assert_eq!(a.body, l);
+        let status = a.headers["cache-status"].to_str().unwrap().to_owned();
+        assert!(
+            status.contains("fwd=uri-miss"),
+            "{l} after the purge: {status}"
+        );
+    }
+    assert_eq!(origin.calls(), 4);
+}

@@ -94,8 +94,9 @@ impl std::fmt::Debug for HitMemo {
 pub(crate) enum Stored {
     /// A response.
     Response(Arc<Entry>),
-    /// The primary key of a response that varies: the headers its variants are keyed on.
-    Vary(Arc<[HeaderName]>),
+    /// The primary key of a response that varies: the headers its variants are keyed on,
+    /// and the generation of this variant list (see [`variant`](crate::cache::key::variant)).
+    Vary(Arc<[HeaderName]>, u64),
     /// A recent response for this key was not cacheable: requests go straight to the
     /// origin for a short while instead of queueing behind one another.
     Pass,
@@ -113,7 +114,9 @@ impl Stored {
                     .sum();
                 entry.body.len() + headers + 128
             }
-            Stored::Vary(names) => names.iter().map(|n| n.as_str().len() + 16).sum(),
+            Stored::Vary(names, _) => {
+                8 + names.iter().map(|n| n.as_str().len() + 16).sum::<usize>()
+            }
             Stored::Pass => 8,
         };
         u32::try_from(own + key.len() + 64).unwrap_or(u32::MAX)

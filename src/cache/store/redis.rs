@@ -92,13 +92,14 @@ pub(crate) fn encode(value: &Stored) -> Bytes {
             out.put_u32(entry.body.len() as u32);
             out.put_slice(&entry.body);
         }
-        Stored::Vary(names) => {
+        Stored::Vary(names, generation) => {
             out.put_u8(1);
             out.put_u16(names.len() as u16);
             for name in names.iter() {
                 out.put_u16(name.as_str().len() as u16);
                 out.put_slice(name.as_str().as_bytes());
             }
+            out.put_u64(*generation);
         }
         Stored::Pass => out.put_u8(2),
     }
@@ -183,7 +184,8 @@ pub(crate) fn decode(mut buf: Bytes) -> Option<Stored> {
                 let len = u16_(&mut buf)? as usize;
                 names.push(HeaderName::from_bytes(&take(&mut buf, len)?).ok()?);
             }
-            Some(Stored::Vary(names.into()))
+            let generation = u64_(&mut buf)?;
+            Some(Stored::Vary(names.into(), generation))
         }
         2 => Some(Stored::Pass),
         _ => None,
@@ -340,8 +342,8 @@ mod tests {
         assert!(back.freshness.must_revalidate);
         assert_eq!(back.freshness.lifetime, Duration::from_secs(30));
         assert_eq!(back.tags, vec![("product-7".to_owned(), 3)]);
-        let vary = Stored::Vary(vec![HeaderName::from_static("accept-language")].into());
-        assert!(matches!(decode(encode(&vary)), Some(Stored::Vary(n)) if n.len() == 1));
+        let vary = Stored::Vary(vec![HeaderName::from_static("accept-language")].into(), 7);
+        assert!(matches!(decode(encode(&vary)), Some(Stored::Vary(n, 7)) if n.len() == 1));
         assert!(matches!(decode(encode(&Stored::Pass)), Some(Stored::Pass)));
         let _ = SystemTime::now();
     }
@@ -353,6 +355,7 @@ mod tests {
         }
         let mut truncated = encode(&Stored::Vary(
             vec![HeaderName::from_static("accept")].into(),
+            1,
         ))
         .to_vec();
         truncated.pop();
