@@ -41,9 +41,14 @@ impl RedisCacheStore {
     /// `{prefix}:cache:{sha256 of the key}`: fixed length, no client bytes in Redis key
     /// names.
     fn redis_key(&self, key: &[u8]) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let digest = Sha256::digest(key);
-        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        self.redis.key("cache", &hex)
+        let mut hex = String::with_capacity(64);
+        for b in digest {
+            hex.push(HEX[usize::from(b >> 4)] as char);
+            hex.push(HEX[usize::from(b & 15)] as char);
+        }
+        self.redis.key_str("cache", &hex)
     }
 }
 
