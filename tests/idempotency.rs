@@ -989,3 +989,94 @@ async fn trailers_are_stored_and_replayed_on_a_plain_tower_service() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// A claim the store answered too late (Redis slow: here its writes are paused past the
+/// store's 50 ms timeout) may still land once Redis goes on. The refused request gives it
+/// back (trying again until Redis answers), so a retry runs within seconds instead of
+/// meeting a key held by nobody (`409` until the lease lapsed, a minute by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_timed_out_is_given_back() {
+    let redis = RedisServer::start();
+    let origin = Arc::new(Origin::default());
+    let app = redis_app(&redis, &origin).await;
+    // Scripts loaded (a first EVALSHA would be answered NOSCRIPT, and land nothing).
+    assert_eq!(
+        send(&app, order(Some("k-warm"), "{}")).await.status,
+        StatusCode::CREATED
+    );
+    redis.pause_writes(Duration::from_millis(400));
+    let refused = send(&app, order(Some("k-slow-claim"), "{}")).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // While the store's circuit breaker (opened by the timeouts) cools down, retries are
+    // `503`, and the give-back itself waits for it; a retry may meet the claim (`409`)
+    // until then. Within seconds the request runs, not after the minute-long lease.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let retried = loop {
+        let retried = send(&app, order(Some("k-slow-claim"), "{}")).await;
+        if retried.status == StatusCode::CREATED || Instant::now() > deadline {
+            break retried;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        retried.status,
+        StatusCode::CREATED,
+        "the retry met the timed-out claim: {:?}",
+        retried.outcome()
+    );
+    assert_eq!(origin.runs(), 2);
+}
+
+/// gRPC answers an error "trailers-only": HTTP 200 with `grpc-status` in the headers and
+/// no body. A server-side code (here `UNAVAILABLE`) is not stored, like a `5xx`: the retry
+/// runs. A client-side code (`INVALID_ARGUMENT`) is stored and replayed whole, with its
+/// `grpc-status` and `grpc-message`, which the replay must carry to mean anything.
+#[tokio::test]
+async fn grpc_errors_are_kept_or_not_like_their_http_classes_and_replayed_whole() {
+    use battlement::body::{RequestBody, ResponseBody};
+    use http_body_util::Full;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = runs.clone();
+    let service = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::builder().build().unwrap())
+        .service_fn(move |req: Request<RequestBody<Full<Bytes>>>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let code = if req.uri().path() == "/unavailable" {
+                "14"
+            } else {
+                "3"
+            };
+            async move {
+                let res = Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", code)
+                    .header("grpc-message", "no%20luck")
+                    .body(ResponseBody::<Full<Bytes>>::empty())
+                    .unwrap();
+                Ok::<_, std::convert::Infallible>(res)
+            }
+        });
+    let call = |path: &str| {
+        Request::post(path)
+            .header("idempotency-key", "k-grpc")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::from_static(b"a call")))
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let res = service.clone().oneshot(call("/unavailable")).await.unwrap();
+        assert!(!res.headers().contains_key("idempotent-replayed"));
+        assert_eq!(res.headers()["grpc-status"], "14");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "UNAVAILABLE was stored");
+    for replayed in [false, true] {
+        let res = service.clone().oneshot(call("/invalid")).await.unwrap();
+        assert_eq!(res.headers().contains_key("idempotent-replayed"), replayed);
+        assert_eq!(res.headers()["grpc-status"], "3", "replayed {replayed}");
+        assert_eq!(res.headers()["grpc-message"], "no%20luck");
+        assert_eq!(res.headers()["content-type"], "application/grpc");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}

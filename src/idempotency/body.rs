@@ -5,6 +5,7 @@ use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
@@ -17,6 +18,31 @@ use super::record::StoredResponse;
 use super::store::{BoxFuture, OwnerToken, Scope};
 use crate::annotate::{Annotation, IdempotencyNote, IdempotencyOutcome};
 use crate::body::ResponseBody;
+
+/// gRPC headers a replay needs whatever the stored-header list says: a trailers-only
+/// answer carries its status in them, and compressed messages need their encoding.
+const GRPC_HEADERS: [&str; 4] = [
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    "grpc-encoding",
+];
+
+/// Whether a gRPC status (from a trailers-only answer's headers, or the trailers) says the
+/// call must run again rather than be replayed, by the HTTP class it matches: `CANCELLED`,
+/// `RESOURCE_EXHAUSTED` and `ABORTED` like `429` (never stored); `UNKNOWN`,
+/// `DEADLINE_EXCEEDED`, `INTERNAL`, `UNAVAILABLE` and `DATA_LOSS` like a `5xx` (stored
+/// only with `store_server_errors`). Other codes are answers, kept like a `4xx`.
+fn grpc_transient(status: Option<&http::HeaderValue>, store_server_errors: bool) -> bool {
+    match status
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    {
+        Some(1 | 8 | 10) => true,
+        Some(2 | 4 | 13 | 14 | 15) => !store_server_errors,
+        _ => false,
+    }
+}
 
 /// Runs a store call to its end without holding up the response: a store that answers at
 /// once (memory) is done before this returns; a remote one finishes in a task of its own,
@@ -120,26 +146,61 @@ impl Lease {
         let annotation = self.annotation.take();
         detach(Box::pin(async move {
             let store = &shared.store;
-            match store
-                .complete(&scope, &owner, &response, shared.retention)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!(
-                        "battlement::idempotency: a response was not stored: its claim expired \
-                         (in_flight_ttl) and the key was claimed again, or it was released"
-                    );
-                    note(annotation.as_ref(), IdempotencyOutcome::NotStored);
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "battlement::idempotency: a response could not be stored");
-                    note(annotation.as_ref(), IdempotencyOutcome::NotStored);
-                    // Free the key now rather than when the lease runs out.
-                    let _ = store.release(&scope, &owner).await;
+            // The request has run: storing its answer is worth a few tries (a Redis blip)
+            // within half the lease, which nothing renews any more; a retry meanwhile gets
+            // `409`. Only then is the key given up, and a retry runs the request again.
+            let deadline = tokio::time::Instant::now() + shared.in_flight_ttl / 2;
+            let mut pause = Duration::from_millis(50);
+            loop {
+                match store
+                    .complete(&scope, &owner, &response, shared.retention)
+                    .await
+                {
+                    Ok(true) => return,
+                    Ok(false) => {
+                        tracing::warn!(
+                            "battlement::idempotency: a response was not stored: its claim \
+                             expired (in_flight_ttl) and the key was claimed again, or it was \
+                             released"
+                        );
+                        note(annotation.as_ref(), IdempotencyOutcome::NotStored);
+                        return;
+                    }
+                    Err(error) if tokio::time::Instant::now() + pause >= deadline => {
+                        tracing::warn!(%error, "battlement::idempotency: a response could not be stored");
+                        note(annotation.as_ref(), IdempotencyOutcome::NotStored);
+                        give_back(shared.clone(), scope, owner).await;
+                        return;
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
                 }
             }
         }));
+    }
+}
+
+/// Releases the claim `owner` holds (or may hold: a claim whose answer was lost may still
+/// have landed) on `scope`. A store that fails is tried again, at growing intervals, until
+/// the claim would have lapsed anyway: the release checks the owner, so a late or repeated
+/// one harms nothing, and a retry of the request need not wait out the lease.
+pub(crate) async fn give_back(shared: Arc<Shared>, scope: Scope, owner: OwnerToken) {
+    let deadline = tokio::time::Instant::now() + shared.in_flight_ttl;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match shared.store.release(&scope, &owner).await {
+            Ok(_) => return,
+            Err(error) if tokio::time::Instant::now() + pause >= deadline => {
+                tracing::debug!(%error, "battlement::idempotency: a key could not be released; it frees itself when its lease ends");
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
     }
 }
 
@@ -157,13 +218,11 @@ impl Drop for Lease {
         if self.done {
             return;
         }
-        let shared = self.shared.clone();
-        let (scope, owner) = (self.scope, self.owner);
-        detach(Box::pin(async move {
-            if let Err(error) = shared.store.release(&scope, &owner).await {
-                tracing::debug!(%error, "battlement::idempotency: a key could not be released; it frees itself when its lease ends");
-            }
-        }));
+        detach(Box::pin(give_back(
+            self.shared.clone(),
+            self.scope,
+            self.owner,
+        )));
     }
 }
 
@@ -191,6 +250,16 @@ impl Capture {
         let Some(lease) = self.lease.take() else {
             return;
         };
+        if let Some(trailers) = &trailers
+            && grpc_transient(
+                trailers.get("grpc-status"),
+                lease.shared.store_server_errors,
+            )
+        {
+            // A gRPC error that a retry must run again: the lease releases the key.
+            lease.note(IdempotencyOutcome::NotStored);
+            return;
+        }
         let body = std::mem::take(&mut self.buf).freeze();
         let headers = std::mem::take(&mut self.headers);
         let response = StoredResponse::new(self.status, headers, body).with_trailers(trailers);
@@ -324,7 +393,8 @@ where
     // A server error, or "too many requests", says nothing about what the request does:
     // a retry must run it again.
     let transient = (status.is_server_error() && !shared.store_server_errors)
-        || status == StatusCode::TOO_MANY_REQUESTS;
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || grpc_transient(headers.get("grpc-status"), shared.store_server_errors);
     if transient || streaming || too_big || status.is_informational() {
         lease.note(IdempotencyOutcome::NotStored);
         drop(lease);
@@ -334,6 +404,13 @@ where
     for name in &shared.stored_headers {
         for value in headers.get_all(name) {
             stored.append(name.clone(), value.clone());
+        }
+    }
+    for name in GRPC_HEADERS {
+        if !stored.contains_key(name) {
+            for value in headers.get_all(name) {
+                stored.append(http::HeaderName::from_static(name), value.clone());
+            }
         }
     }
     lease.note(IdempotencyOutcome::Stored);

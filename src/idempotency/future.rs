@@ -16,7 +16,7 @@ use tower_service::Service;
 
 use super::FailurePolicy;
 use super::IDEMPOTENT_REPLAYED;
-use super::body::{IdempotencyBody, Lease, detach, first_response};
+use super::body::{IdempotencyBody, Lease, detach, first_response, give_back};
 use super::layer::Shared;
 use super::record::StoredResponse;
 use super::service::{fingerprint, note, refusal};
@@ -66,11 +66,7 @@ pub(crate) struct Keyed<S> {
 impl<S> Drop for Keyed<S> {
     fn drop(&mut self) {
         if let (true, Some(owner)) = (self.claim_pending, self.owner) {
-            let shared = self.shared.clone();
-            let scope = self.scope;
-            detach(Box::pin(async move {
-                let _ = shared.store.release(&scope, &owner).await;
-            }));
+            detach(Box::pin(give_back(self.shared.clone(), self.scope, owner)));
         }
     }
 }
@@ -294,7 +290,9 @@ where
                     let mut k = keyed
                         .take()
                         .expect("ResponseFuture polled after completion");
-                    k.claim_pending = false;
+                    // A claim the store did not answer (a timeout, a dropped connection)
+                    // may still land: `k` gives it back when it drops.
+                    k.claim_pending = result.is_err();
                     match result {
                         Ok(Claim::Acquired) => {
                             let annotation = Annotation::of(&k.parts().extensions).cloned();
