@@ -173,3 +173,75 @@ async fn idempotency_replays_a_tonic_call_with_its_grpc_status() {
         .expect_err("another request under the key");
     assert_ne!(other.code(), tonic::Code::Ok);
 }
+
+/// A response body of declared length that never says it has ended (a stream whose
+/// producer is still around). hyper's HTTP/1 server writes the declared bytes and drops it:
+/// the client got the whole response, so it is stored, and the retry is a replay rather
+/// than a second run.
+struct DeclaredNeverEnds(Vec<Bytes>);
+
+impl Body for DeclaredNeverEnds {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        match self.0.pop() {
+            Some(data) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+#[tokio::test]
+async fn idempotency_stores_a_streamed_response_sent_whole_over_http1() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let idempotency = IdempotencyLayer::builder().build().unwrap();
+    let counter = runs.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let counter = counter.clone();
+            let service = ServiceBuilder::new()
+                .idempotency(idempotency.clone())
+                .service_fn(move |_req: Request<_>| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        let mut res = Response::new(DeclaredNeverEnds(vec![
+                            Bytes::from_static(b"second"),
+                            Bytes::from_static(b"first,"),
+                        ]));
+                        res.headers_mut()
+                            .insert(http::header::CONTENT_LENGTH, "12".parse().unwrap());
+                        *res.status_mut() = StatusCode::CREATED;
+                        Ok::<_, Infallible>(res)
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .http1_only()
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+                    .await;
+            });
+        }
+    });
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    for replayed in [false, true] {
+        let req = Request::post(format!("http://{addr}/exports"))
+            .header("idempotency-key", "k-declared")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let res = client.request(req).await.expect("a response");
+        assert_eq!(res.status(), StatusCode::CREATED);
+        assert_eq!(res.headers().contains_key("idempotent-replayed"), replayed);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "first,second");
+        // The store write runs as the body is dropped.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

@@ -456,3 +456,52 @@ async fn hyper_full_response_keeps_request_id_and_continues_trace() {
     assert_eq!(event.get("rpc.grpc.status_code"), None, "{event:#?}");
     assert_eq!(event.level, Level::INFO, "{event:#?}");
 }
+
+/// A body of two chunks, with its length declared in `Content-Length`, that never says it
+/// has ended (a stream whose producer is still around): hyper's HTTP/1 server writes the
+/// declared bytes and drops it without waiting for an end.
+struct DeclaredNeverEnds {
+    chunks: Vec<Bytes>,
+}
+
+impl Body for DeclaredNeverEnds {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.chunks.pop() {
+            Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            None => Poll::Pending,
+        }
+    }
+}
+
+async fn declared(
+    _req: Request<hyper::body::Incoming>,
+) -> Result<Response<DeclaredNeverEnds>, Infallible> {
+    let mut res = Response::new(DeclaredNeverEnds {
+        chunks: vec![Bytes::from_static(b"second"), Bytes::from_static(b"first,")],
+    });
+    res.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, "12".parse().unwrap());
+    Ok(res)
+}
+
+#[tokio::test]
+async fn a_streamed_body_of_declared_length_sent_whole_is_completed() {
+    let logs = Logs::capture();
+    let addr = serve_hyper(declared).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let res = client
+        .get(format!("http://{addr}/download").parse().unwrap())
+        .await
+        .unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "first,second");
+    let event = logs.only_request().await;
+    assert_eq!(event.field("outcome"), "completed", "{event:#?}");
+    assert_eq!(event.field("http.response.body.size"), "12");
+}

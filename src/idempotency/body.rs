@@ -243,6 +243,10 @@ pub(crate) struct Capture {
     headers: HeaderMap,
     buf: BytesMut,
     max: usize,
+    /// The response's `Content-Length`: a body dropped once that many bytes were copied
+    /// has been sent whole (an HTTP/1 server stops there, whether or not the body said it
+    /// had ended), and is stored.
+    declared: Option<u64>,
 }
 
 impl Capture {
@@ -269,7 +273,17 @@ impl Capture {
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
+        if self.lease.is_some() && self.declared == Some(self.buf.len() as u64) {
+            let whole = Capture {
+                lease: self.lease.take(),
+                status: self.status,
+                headers: std::mem::take(&mut self.headers),
+                buf: std::mem::take(&mut self.buf),
+                max: self.max,
+                declared: None,
+            };
+            whole.finish(None);
+        } else if let Some(lease) = self.lease.take() {
             lease.note(IdempotencyOutcome::NotStored);
         }
     }
@@ -347,7 +361,9 @@ where
             }
             // An error: nothing complete to keep.
             Some(Err(_)) => {
-                this.capture.take();
+                if let Some(mut c) = this.capture.take() {
+                    c.declared = None;
+                }
             }
             None => {
                 if let Some(c) = this.capture.take() {
@@ -421,6 +437,7 @@ where
         headers: stored,
         buf: BytesMut::new(),
         max,
+        declared,
     });
     if body.is_end_stream() {
         // An empty body may never be polled: store it now.

@@ -4,7 +4,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{CONTENT_LOCATION, CONTENT_TYPE, ETAG, LAST_MODIFIED, LOCATION, SET_COOKIE};
+use http::header::{
+    CONTENT_ENCODING, CONTENT_LOCATION, CONTENT_TYPE, ETAG, LAST_MODIFIED, LOCATION, SET_COOKIE,
+};
 use http::{HeaderName, Method};
 use tower_layer::Layer;
 
@@ -90,6 +92,7 @@ impl IdempotencyLayer {
             fingerprint_headers: vec![CONTENT_TYPE],
             stored_headers: vec![
                 CONTENT_TYPE,
+                CONTENT_ENCODING,
                 CONTENT_LOCATION,
                 LOCATION,
                 ETAG,
@@ -173,7 +176,9 @@ impl IdempotencyBuilder {
     }
 
     /// The response headers stored and replayed (default: `content-type`,
-    /// `content-location`, `location`, `etag`, `last-modified`). Replaces the list.
+    /// `content-encoding`, `content-location`, `location`, `etag`, `last-modified`; gRPC's
+    /// `grpc-status`, `grpc-message`, `grpc-status-details-bin` and `grpc-encoding` are
+    /// always stored). Replaces the list.
     /// `set-cookie` is refused by [`build`](Self::build): a replay must never hand one
     /// caller's cookie to another request.
     pub fn stored_headers<I: IntoIterator<Item = HeaderName>>(mut self, headers: I) -> Self {

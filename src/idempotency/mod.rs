@@ -101,7 +101,8 @@
 //! to the client as it comes, and is copied on the side; when the body has ended, the
 //! record becomes the stored response: status, the
 //! [allowlisted headers](IdempotencyBuilder::stored_headers) (`content-type`,
-//! `content-location`, `location`, `etag`, `last-modified` by default; never `set-cookie`),
+//! `content-encoding`, `content-location`, `location`, `etag`, `last-modified` by default,
+//! gRPC's status headers always; never `set-cookie`),
 //! the body and any trailers, kept for the [`retention`](IdempotencyBuilder::retention)
 //! (24 h). The write happens only if the record still carries the request's owner token:
 //! a request that outlived its lease, and whose key was claimed again since, cannot

@@ -19,16 +19,23 @@ pin_project! {
         #[pin]
         inner: ResponseBody<B>,
         pending: Option<Box<Pending>>,
+        // The body's length when known up front (`Content-Length`, or an exact size hint).
+        declared: Option<u64>,
     }
 
     impl<B> PinnedDrop for TraceBody<B> {
         fn drop(this: Pin<&mut Self>) {
-            if let Some(mut pending) = this.project().pending.take() {
+            let this = this.project();
+            if let Some(mut pending) = this.pending.take() {
                 let outcome = if std::thread::panicking() {
                     pending.on_error("panic", &"panicked while streaming the response body");
                     Outcome::Errored
                 } else if !pending.body_expected() {
                     // HEAD, 204 and 304 bodies are never polled: that is their end.
+                    Outcome::Completed
+                } else if *this.declared == Some(pending.bytes()) {
+                    // Every declared byte was sent: an HTTP/1 server stops there and drops
+                    // a body that never said it had ended.
                     Outcome::Completed
                 } else {
                     Outcome::ClientAborted
@@ -40,7 +47,11 @@ pin_project! {
 }
 
 impl<B: Body<Data = Bytes>> TraceBody<B> {
-    pub(crate) fn new(inner: ResponseBody<B>, pending: Box<Pending>) -> Self {
+    pub(crate) fn new(
+        inner: ResponseBody<B>,
+        pending: Box<Pending>,
+        content_length: Option<u64>,
+    ) -> Self {
         // An empty body may never be polled: it has ended already.
         let pending = if inner.is_end_stream() {
             pending.finish(Outcome::Completed);
@@ -48,7 +59,12 @@ impl<B: Body<Data = Bytes>> TraceBody<B> {
         } else {
             Some(pending)
         };
-        Self { inner, pending }
+        let declared = content_length.or_else(|| inner.size_hint().exact());
+        Self {
+            inner,
+            pending,
+            declared,
+        }
     }
 }
 

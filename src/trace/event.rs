@@ -185,6 +185,11 @@ impl Pending {
         }
     }
 
+    /// Response body bytes seen so far.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     pub(crate) fn on_data(&mut self, len: usize) {
         self.bytes += len as u64;
     }

@@ -115,7 +115,12 @@ where
         pending.request_id_header().clone(),
         pending.request_id().header_value().clone(),
     );
-    Response::from_parts(parts, TraceBody::new(body, pending))
+    let content_length = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    Response::from_parts(parts, TraceBody::new(body, pending, content_length))
 }
 
 impl<F, B, E> Future for ResponseFuture<F>
