@@ -425,8 +425,18 @@ impl RedisStore {
                 Ok(value)
             }
             Ok(Err(err)) => {
-                // A script error is the caller's bug, not an outage.
-                if !matches!(err.kind(), redis::ErrorKind::Server(_)) || err.is_io_error() {
+                // A script error is the caller's bug, not an outage; a server that is
+                // loading, read-only (a demoted primary), or a cluster that is down or
+                // mid-failover is one.
+                use redis::ServerErrorKind as K;
+                let outage = matches!(
+                    err.kind(),
+                    redis::ErrorKind::Server(
+                        K::BusyLoading | K::ReadOnly | K::MasterDown | K::ClusterDown | K::TryAgain
+                    )
+                );
+                if outage || !matches!(err.kind(), redis::ErrorKind::Server(_)) || err.is_io_error()
+                {
                     breaker.failure();
                 } else {
                     breaker.success();

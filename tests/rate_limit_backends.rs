@@ -212,6 +212,7 @@ async fn cost_per_request(store: &Store) {
     let a = send(&svc, "fresh", &[("x-cost", "6")]).await;
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(a.headers.get("retry-after").is_none());
+    assert!(!a.note().allowed, "the refusal is in the annotation");
     assert_eq!(a.json()["violated-policies"], serde_json::json!(["p"]));
 }
 
@@ -263,8 +264,19 @@ async fn shadow_mode(store: &Store) {
     let svc = store.service(
         builder(&unique("shadow", store))
             .policy("p", Quota::requests_per(2, Duration::from_secs(60)))
+            .cost(|req| {
+                req.headers
+                    .get("x-cost")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(1)
+            })
             .shadow(true),
     );
+    // A cost no burst covers is refused in shadow too: recorded, never enforced.
+    let a = send(&svc, "big", &[("x-cost", "9")]).await;
+    assert_eq!(a.status, StatusCode::OK, "shadow mode never refuses");
+    assert!(a.note().shadow && !a.note().allowed);
+    assert_eq!(a.note().policy.as_deref(), Some("p"));
     let mut refused_in_shadow = 0;
     for _ in 0..6 {
         let a = send(&svc, "k", &[]).await;
@@ -431,7 +443,7 @@ async fn one_round_trip_per_check_and_keys_expire() {
     };
     // Commands the script runs inside Redis are counted too; they are not round trips.
     let inside = |calls: &dyn Fn(&str) -> u64| {
-        ["time", "hmget", "hset", "pexpire"]
+        ["time", "hgetall", "hset", "pexpire"]
             .iter()
             .map(|c| calls(c))
             .sum::<u64>()
@@ -781,5 +793,93 @@ async fn quotas_change_while_the_layer_runs() {
             send(svc, "fresh", &[]).await.status,
             StatusCode::TOO_MANY_REQUESTS
         );
+
+        // A faster rate gives a limited key its room back at the new pace: 2 a minute
+        // spent, then 2 a second. The next request finds the bucket full and is told to
+        // come back within a second; half a second on, one more passes (with the old
+        // minute-long window kept, it would wait the minute out).
+        set_quota("burst", two).unwrap();
+        for _ in 0..2 {
+            assert_eq!(send(svc, "sped", &[]).await.status, StatusCode::OK);
+        }
+        assert_eq!(
+            send(svc, "sped", &[]).await.status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        set_quota("burst", Quota::requests_per(2, Duration::from_secs(1))).unwrap();
+        let full = send(svc, "sped", &[]).await;
+        assert_eq!(full.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(header(&full, "retry-after"), "1", "{label}");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let sped = send(svc, "sped", &[]).await;
+        assert_eq!(
+            sped.status,
+            StatusCode::OK,
+            "{label}: faster rate, still locked out"
+        );
     }
+}
+
+/// A Redis that answers but cannot serve (here a read-only replica of a primary that is
+/// not there, as a demoted primary after a failover; `LOADING` and `CLUSTERDOWN` are
+/// alike) is an outage: the breaker opens, and the failure policy answers without asking
+/// it each time. It closes again once Redis serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_redis_opens_the_breaker() {
+    let server = RedisServer::start();
+    let store = connect(fault_config(&server)).await;
+    let svc = Store::Redis(store.clone(), FailurePolicy::Closed).service(
+        builder("readonly").policy("p", Quota::requests_per(100, Duration::from_secs(60))),
+    );
+    assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
+    let nowhere = support::free_port().to_string();
+    assert_eq!(server.command(&["REPLICAOF", "127.0.0.1", &nowhere]), "OK");
+    for _ in 0..3 {
+        let a = send(&svc, "k", &[]).await;
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(
+        store.breaker_state(),
+        battlement::redis::BreakerState::Open,
+        "READONLY answers are failures"
+    );
+    assert_eq!(server.command(&["REPLICAOF", "NO", "ONE"]), "OK");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
+    assert_eq!(
+        store.breaker_state(),
+        battlement::redis::BreakerState::Closed
+    );
+}
+
+/// Two layers (or replicas of two versions, one with a policy more) sharing a key name:
+/// each keeps the key alive as long as its own buckets need, never cutting short another's
+/// (a one-second burst policy must not expire a daily policy's state).
+#[tokio::test]
+async fn a_short_policy_never_expires_a_longer_one_sharing_its_key() {
+    let server = RedisServer::start();
+    let store = connect(RedisConfig::single(server.url())).await;
+    let daily = Store::Redis(store.clone(), FailurePolicy::Closed).service(
+        builder("shared").policy("daily", Quota::requests_per(3, Duration::from_secs(86_400))),
+    );
+    let burst = Store::Redis(store.clone(), FailurePolicy::Closed).service(
+        builder("shared").policy("burst", Quota::requests_per(10, Duration::from_secs(1))),
+    );
+    assert_eq!(send(&daily, "k", &[]).await.status, StatusCode::OK);
+    assert_eq!(send(&burst, "k", &[]).await.status, StatusCode::OK);
+    let key = store.key("rl:shared", &"k");
+    let pttl: i64 = server.command(&["PTTL", &key]).trim().parse().unwrap();
+    assert!(
+        pttl > 20_000_000,
+        "the daily bucket's state expires in {pttl} ms"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..2 {
+        assert_eq!(send(&daily, "k", &[]).await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        send(&daily, "k", &[]).await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the daily quota was forgotten"
+    );
 }

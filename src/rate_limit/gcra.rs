@@ -33,7 +33,7 @@ pub struct Decision {
     pub source: LimitSource,
     len: u8,
     /// Bit `i` set: policy `i` refused.
-    violated: u8,
+    pub(crate) violated: u8,
     retry_after_ns: u64,
     remaining: [u64; MAX_POLICIES],
     reset_ns: [u64; MAX_POLICIES],
@@ -150,12 +150,20 @@ impl fmt::Debug for Check {
 ///
 /// - a request is allowed only if every policy allows it at cost `cost`, and only then is it
 ///   charged on all of them;
-/// - a refused request changes nothing;
+/// - a refused request changes nothing (except a bucket left past its capacity by a quota
+///   change to a faster rate, which is brought back to it);
 /// - the decision reports, per policy, what is left and when the bucket is full again.
 pub trait Backend<K>: Send + Sync + 'static {
     /// Checks and (if allowed) charges `key`.
     #[doc(hidden)]
     fn check(&self, layer: &str, key: &K, policies: &PoliciesRef<'_>, cost: u32) -> Check;
+
+    /// Where this backend's decisions come from, for the annotation of a request decided
+    /// without asking it (a cost no burst can cover).
+    #[doc(hidden)]
+    fn source(&self) -> LimitSource {
+        LimitSource::Memory
+    }
 }
 
 /// The policies of a layer, as a backend sees them.
@@ -188,6 +196,15 @@ impl PoliciesRef<'_> {
     }
 }
 
+/// Where a bucket with theoretical arrival time `tat` stands at `now`: never before `now`
+/// (an idle bucket is full), and never further ahead than the limit's capacity. Under one
+/// quota a bucket never gets further ahead; after a quota change to a faster rate it can,
+/// and would then keep a limited client out for the old, longer window.
+#[inline]
+fn start(tat: u64, now: u64, limit: &Limit) -> u64 {
+    tat.clamp(now, now.saturating_add(limit.capacity_ns))
+}
+
 /// Checks `cost` against every limit with theoretical arrival times `tats` (0 = a fresh
 /// bucket) at time `now` (nanoseconds, any consistent origin). Charges all limits if all
 /// allow it; changes nothing otherwise.
@@ -197,7 +214,7 @@ impl PoliciesRef<'_> {
 pub(crate) fn charge(tats: &mut [u64], limits: &[Limit], now: u64, cost: u32) -> bool {
     let mut next = [0u64; MAX_POLICIES];
     for ((limit, tat), next) in limits.iter().zip(tats.iter()).zip(&mut next) {
-        let new_tat = (*tat).max(now) + u64::from(cost) * limit.interval_ns;
+        let new_tat = start(*tat, now, limit) + u64::from(cost) * limit.interval_ns;
         if new_tat - now > limit.capacity_ns {
             return false;
         }
@@ -222,7 +239,7 @@ pub(crate) fn check_all(
     let mut violated = 0u8;
     let mut wait = 0u64;
     for (i, ((limit, tat), next)) in limits.iter().zip(tats.iter()).zip(&mut next).enumerate() {
-        let new_tat = (*tat).max(now) + u64::from(cost) * limit.interval_ns;
+        let new_tat = start(*tat, now, limit) + u64::from(cost) * limit.interval_ns;
         *next = new_tat;
         let ahead = new_tat - now;
         if ahead > limit.capacity_ns {
@@ -243,8 +260,12 @@ pub(crate) fn check_all(
     for (i, ((limit, tat), next)) in limits.iter().zip(tats.iter_mut()).zip(next).enumerate() {
         if allowed {
             *tat = next;
+        } else {
+            // Past the capacity only after a quota change to a faster rate: kept at the
+            // capacity from now, so the bucket refills at the new pace from here.
+            *tat = (*tat).min(now.saturating_add(limit.capacity_ns));
         }
-        let used = (*tat).max(now) - now;
+        let used = start(*tat, now, limit) - now;
         d.remaining[i] = limit.capacity_ns.saturating_sub(used) / limit.interval_ns;
         d.reset_ns[i] = used;
     }

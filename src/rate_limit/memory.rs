@@ -346,6 +346,10 @@ impl<K, B: Backend<K>> Backend<K> for std::sync::Arc<B> {
     fn check(&self, layer: &str, key: &K, policies: &PoliciesRef<'_>, cost: u32) -> Check {
         (**self).check(layer, key, policies, cost)
     }
+
+    fn source(&self) -> crate::annotate::LimitSource {
+        (**self).source()
+    }
 }
 
 #[cfg(test)]

@@ -250,6 +250,28 @@ impl Settings {
         rejection.render(head)
     }
 
+    /// Records a request whose cost no burst of some policy can cover (refused, or in
+    /// shadow mode passed) in the annotation.
+    pub(crate) fn annotate_impossible(
+        &self,
+        head: &RequestHead<'_>,
+        cost: u32,
+        source: LimitSource,
+    ) {
+        if Annotation::of(head.extensions).is_none() {
+            return;
+        }
+        let limits = self.policies.limits();
+        let mut decision = Decision::pass(source, self.policies.len);
+        decision.allowed = false;
+        for (i, limit) in limits.iter().enumerate() {
+            if limit.burst() < u64::from(cost) {
+                decision.violated |= 1 << i;
+            }
+        }
+        self.annotate(head, &decision);
+    }
+
     /// A request whose cost exceeds a policy's burst can never pass: refuse it without a
     /// `Retry-After`, which would only invite a retry that fails again.
     pub(crate) fn refuse_impossible(&self, head: &RequestHead<'_>, cost: u32) -> Response<Bytes> {

@@ -25,8 +25,11 @@ local cost = tonumber(ARGV[1])
 local n = (#ARGV - 1) / 3
 local names = {}
 for i = 1, n do names[i] = ARGV[3 * i - 1] end
-local stored = redis.call('HMGET', KEYS[1], unpack(names))
+local all = redis.call('HGETALL', KEYS[1])
+local known = {}
+for i = 1, #all, 2 do known[all[i]] = tonumber(all[i + 1]) end
 local allowed = 1
+local clamped = {}
 local wait = 0
 local tats = {}
 local next = {}
@@ -34,8 +37,15 @@ local violated = {}
 for i = 1, n do
   local interval = tonumber(ARGV[3 * i])
   local cap = tonumber(ARGV[3 * i + 1])
-  local tat = tonumber(stored[i]) or now
+  local tat = known[names[i]] or now
   if tat < now then tat = now end
+  if tat > now + cap then
+    -- Past the capacity only after a quota change to a faster rate: kept at the
+    -- capacity from now (written below even when refused), so it refills at the new pace.
+    tat = now + cap
+    clamped[#clamped + 1] = names[i]
+    clamped[#clamped + 1] = string.format('%d', tat)
+  end
   tats[i] = tat
   next[i] = tat + cost * interval
   violated[i] = 0
@@ -67,8 +77,16 @@ for i = 1, n do
   out[#out + 1] = violated[i]
 end
 if allowed == 1 then
+  -- The key lives as long as its furthest bucket, this layer's or another's (another
+  -- layer, or a replica with other policies, shares the key).
+  for i = 1, n do known[names[i]] = nil end
+  for _, tat in pairs(known) do
+    if tat - now > ttl then ttl = tat - now end
+  end
   redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('PEXPIRE', KEYS[1], math.floor(ttl / 1000) + 1)
+elseif #clamped > 0 then
+  redis.call('HSET', KEYS[1], unpack(clamped))
 end
 return out
 "#;
@@ -200,6 +218,10 @@ impl<K> Backend<K> for RedisBackend<K>
 where
     K: Hash + Eq + Clone + Display + Send + Sync + 'static,
 {
+    fn source(&self) -> LimitSource {
+        LimitSource::Redis
+    }
+
     fn check(&self, layer: &str, key: &K, policies: &PoliciesRef<'_>, cost: u32) -> Check {
         let inner = self.inner.clone();
         let redis_key = inner.store.key(&format!("rl:{layer}"), key);

@@ -143,6 +143,10 @@ where
         return Route::Pass(None);
     };
     if u64::from(cost) > settings.policies.max_cost() {
+        settings.annotate_impossible(head, cost, shared.backend.source());
+        if settings.shadow {
+            return Route::Pass(None);
+        }
         return Route::Refuse(Box::new(settings.refuse_impossible(head, cost)));
     }
     let policies = PoliciesRef {
