@@ -148,6 +148,20 @@ async fn every_violation_is_reported_with_pointers_and_no_values() {
         .map(|e| e["pointer"].as_str().unwrap())
         .collect();
     assert!(pointers.contains(&"/product_id") && pointers.contains(&"/quantity"));
+    // Every unexpected property is named, each with its own pointer.
+    let a = send(
+        &orders(),
+        post_json(r#"{"product_id": "p", "quantity": 1, "coupon": 1, "tip": 2, "a/b": 3}"#),
+    )
+    .await;
+    let mut pointers: Vec<&str> = a.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["pointer"].as_str().unwrap())
+        .collect();
+    pointers.sort();
+    assert_eq!(pointers, ["/a~1b", "/coupon", "/tip"], "{}", a.text);
 }
 
 #[tokio::test]
@@ -352,6 +366,11 @@ async fn query_and_headers_are_coerced_and_validated() {
         ]
     );
     assert!(!a.text.contains("zero"));
+    // A repeated scalar is refused, not validated on one value while the handler may
+    // read the other.
+    let a = send(&app, req("/items?page=1&page=-5", Some("acme"))).await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", a.text);
+    assert_eq!(a.body["errors"][0]["pointer"], "/query/page");
 }
 
 #[tokio::test]
@@ -404,4 +423,34 @@ async fn grpc_callers_get_invalid_argument() {
     assert_eq!(a.headers["grpc-status"], "3");
     let message = a.headers["grpc-message"].to_str().unwrap();
     assert!(message.contains("/query/page"), "{message}");
+}
+
+/// An empty body where a JSON body is expected is a `400`, however it comes: with
+/// `Content-Length: 0`, as an empty `Body`, or chunked with no chunk. It never reaches the
+/// handler without its parsed JSON (axum answers `500` for a missing extension). A `GET`
+/// without a body is not affected.
+#[tokio::test]
+async fn an_empty_body_is_refused_however_it_comes() {
+    let app = orders();
+    let with_length = Request::post("/orders")
+        .header("content-type", "application/json")
+        .header("content-length", "0")
+        .body(Body::empty())
+        .unwrap();
+    let chunked = post_json(Body::new(Chunks(VecDeque::new())));
+    for (how, req) in [
+        ("content-length 0", with_length),
+        ("empty", post_json(Body::empty())),
+        ("chunked", chunked),
+    ] {
+        let a = send(&app, req).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{how}: {}", a.text);
+        assert_eq!(a.body["status"], 400, "{how}");
+    }
+    assert_eq!(
+        send(&app, Request::get("/items").body(Body::empty()).unwrap())
+            .await
+            .status,
+        StatusCode::OK
+    );
 }

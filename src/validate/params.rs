@@ -52,9 +52,20 @@ fn insert(out: &mut Map<String, Value>, schema: &Value, name: &str, raw: &str) {
             }
         }
     } else {
-        // A repeated scalar parameter keeps its first value.
-        out.entry(name.to_owned())
-            .or_insert_with(|| coerce(raw, ty));
+        // A repeated scalar parameter is ambiguous (frameworks keep the first or the last
+        // value): it reads as the list of its values, which the schema refuses as not of
+        // the declared type, rather than validate one value while the handler uses another.
+        let value = coerce(raw, ty);
+        match out.get_mut(name) {
+            None => {
+                out.insert(name.to_owned(), value);
+            }
+            Some(Value::Array(list)) => list.push(value),
+            Some(first) => {
+                let first = first.take();
+                out.insert(name.to_owned(), Value::Array(vec![first, value]));
+            }
+        }
     }
 }
 
@@ -130,7 +141,8 @@ mod tests {
         );
         assert_eq!(
             v,
-            json!({"page": 2, "ratio": 0.5, "all": true, "ids": [1, 2, 3], "q": "a b!"})
+            json!({"page": [2, 9], "ratio": 0.5, "all": true, "ids": [1, 2, 3], "q": "a b!"}),
+            "a repeated scalar reads as the list of its values (which its schema refuses)"
         );
         let v = query_object("page=two", &schema);
         assert_eq!(v, json!({"page": "two"}));

@@ -69,18 +69,33 @@ impl Schema {
         let mut out = Vec::new();
         let mut total = 0;
         for error in self.validator.iter_errors(value) {
+            let kind = error.kind();
+            let base = format!("{prefix}{}", error.instance_path().as_str());
+            // One error names every unexpected property: one violation each, so that
+            // `errors[]` points at all of them and the total counts them.
+            if let ValidationErrorKind::AdditionalProperties { unexpected } = kind
+                && !unexpected.is_empty()
+            {
+                for name in unexpected {
+                    total += 1;
+                    if out.len() < cap {
+                        let mut pointer = base.clone();
+                        pointer.push('/');
+                        pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
+                        out.push(Violation {
+                            pointer: truncate(pointer, 256),
+                            keyword: kind.keyword().to_owned(),
+                            detail: detail(kind),
+                        });
+                    }
+                }
+                continue;
+            }
             total += 1;
             if out.len() >= cap {
                 continue;
             }
-            let mut pointer = format!("{prefix}{}", error.instance_path().as_str());
-            let kind = error.kind();
-            if let ValidationErrorKind::AdditionalProperties { unexpected } = kind
-                && let Some(name) = unexpected.first()
-            {
-                pointer.push('/');
-                pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
-            }
+            let mut pointer = base;
             if let ValidationErrorKind::Required { property } = kind
                 && let Some(name) = property.as_str()
             {

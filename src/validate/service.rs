@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use serde_json::Value;
 use tower_service::Service;
@@ -214,7 +214,13 @@ where
                 .headers
                 .get(CONTENT_LENGTH)
                 .is_none_or(|v| v.as_bytes() != b"0");
-        if !shared.reads_body || !has_body {
+        // A method that carries a body, on a layer that parses JSON, with an empty one: not
+        // a body to skip but one to refuse (it would reach the handler without its parsed
+        // JSON), as it is when the same empty body comes chunked.
+        let empty_but_expected = !has_body
+            && (shared.json.is_some() || shared.body_schema.is_some())
+            && matches!(*head.method, Method::POST | Method::PUT | Method::PATCH);
+        if !shared.reads_body || !(has_body || empty_but_expected) {
             if (found.total > 0 || shared.query_schema.is_some() || shared.header_schema.is_some())
                 && let Some(response) = conclude(shared, &head, found)
             {
