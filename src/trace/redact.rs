@@ -98,6 +98,22 @@ pub(crate) fn query(query: &str, how: &QueryLog) -> Option<String> {
         if i > 0 {
             out.push('&');
         }
+        // A bare item or a name that does not look like a parameter name (`?<token>`,
+        // `?<base64>==`) may be the secret itself: redacted whole.
+        if !name_like(name) || value.is_some_and(|v| v.starts_with('=')) {
+            out.push_str(REDACTED);
+            if value.is_some() {
+                out.push('=');
+                out.push_str(REDACTED);
+            }
+            if out.len() > MAX_QUERY {
+                let cut = truncate(&out, MAX_QUERY).len();
+                out.truncate(cut);
+                out.push_str("...");
+                break;
+            }
+            continue;
+        }
         out.push_str(&escape(name));
         if let Some(value) = value {
             out.push('=');
@@ -115,6 +131,18 @@ pub(crate) fn query(query: &str, how: &QueryLog) -> Option<String> {
         }
     }
     Some(out)
+}
+
+/// Whether a query parameter name reads as one: at most 24 bytes of letters, digits and
+/// `_ - . [ ] %` (percent-encoded brackets included). Tokens and signatures put where a
+/// name goes are longer, or carry other characters (a pair that starts its value with `=`
+/// is base64 padding, and is redacted too).
+fn name_like(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 24
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'[' | b']' | b'%')
+        })
 }
 
 /// Whether `name` may never be logged.
@@ -146,6 +174,16 @@ mod tests {
     fn query_values_are_redacted_by_default() {
         let q = query("token=s3cret&page=2&flag", &QueryLog::Redacted).unwrap();
         assert_eq!(q, "token=[redacted]&page=[redacted]&flag");
+        // A secret where a name goes: a bare token, base64 with its padding, a signature.
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJl";
+        let q = query(
+            &format!("{jwt}&dGhpcyBpcyBhIHNlY3JldCB0b2tlbg==&ok"),
+            &QueryLog::Redacted,
+        )
+        .unwrap();
+        assert_eq!(q, "[redacted]&[redacted]=[redacted]&ok");
+        let q = query("filter%5Bstatus%5D=open&a+b=1", &QueryLog::Redacted).unwrap();
+        assert_eq!(q, "filter%5Bstatus%5D=[redacted]&[redacted]=[redacted]");
         assert!(query("a=1", &QueryLog::Omit).is_none());
         let allowed = QueryLog::AllowValues(vec!["page".into()]);
         assert_eq!(

@@ -103,9 +103,11 @@ fn conclude(shared: &Shared, head: &RequestHead<'_>, found: Found) -> Option<Res
         return None;
     }
     if shared.report_only {
+        // The pointer holds client-chosen names (escaped before they reach a log line).
+        let pointer = loggable(first.as_deref().unwrap_or(""));
         tracing::warn!(
             violations = found.total,
-            first_pointer = first.as_deref().unwrap_or(""),
+            first_pointer = pointer.as_str(),
             "battlement::validate: request violates its schema (report-only)"
         );
         return None;
@@ -258,6 +260,22 @@ where
     }
 }
 
+/// `s` with control and invisible characters (bidi overrides, zero-width, line
+/// separators) escaped, for a log line.
+fn loggable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let odd = c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
+        if odd {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub(crate) fn too_large(head: &RequestHead<'_>, max: usize) -> Response<Bytes> {
     refuse(
         head,
@@ -265,4 +283,16 @@ pub(crate) fn too_large(head: &RequestHead<'_>, max: usize) -> Response<Bytes> {
         "Content Too Large",
         format!("The body is larger than {max} bytes."),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pointers_are_escaped_for_logs() {
+        assert_eq!(super::loggable("/query/page"), "/query/page");
+        assert_eq!(
+            super::loggable("/query/a\u{202e}b\nc\u{2028}"),
+            "/query/a\\u{202e}b\\u{a}c\\u{2028}"
+        );
+    }
 }
