@@ -918,3 +918,35 @@ async fn redis_revocation_refuses_revoked_tokens_and_follows_the_failure_policy(
     .await;
     assert!(back, "fail closed never recovered after Redis came back");
 }
+
+/// A verified token is served from the cache only while the very key that verified it is
+/// in the key set: an issuer that puts another key under the same `kid` ends the cached
+/// tokens of the old one (verified again, refused), and the new key's tokens pass.
+#[tokio::test]
+async fn a_cached_token_is_verified_again_once_its_kid_names_another_key() {
+    let server = JwksServer::start(&[rsa_jwk("k1")]).await;
+    let jwks = Jwks::from_url(&server.url)
+        .algorithms([Algorithm::RS256, Algorithm::ES256])
+        .build()
+        .await
+        .unwrap();
+    let validator = JwtValidator::builder()
+        .issuer(Issuer::new(ISS, [AUD]).jwks(jwks.clone()))
+        .algorithms([Algorithm::RS256, Algorithm::ES256])
+        .cache_verified(100)
+        .build()
+        .unwrap();
+    let addr = serve_app(auth(validator)).await;
+    let client = client();
+    let old = rs256("k1");
+    for i in 0..2 {
+        assert_ok(&me(&client, addr, &old).await, &format!("old key #{i}"));
+    }
+    server.serve_keys(&[ec_jwk("k1")]);
+    jwks.refresh().await.unwrap();
+    assert_invalid_token(&me(&client, addr, &old).await, &old, "no key matches");
+    assert_ok(
+        &me(&client, addr, &es256("k1")).await,
+        "the new key under k1",
+    );
+}

@@ -235,8 +235,10 @@ impl JwtBuilder {
     }
 
     /// Caches up to `capacity` verified tokens (keyed by a SHA-256 of the token): a hit
-    /// skips the signature check. An entry never outlives the token's `exp`, and is not
-    /// used once its key has left the key set. Off by default.
+    /// skips the signature check. An entry never outlives the token's `exp`, and is used
+    /// only while the very key that verified it is in the key set: a key rotated out, or
+    /// another key put under its `kid`, sends the token through verification again (so does
+    /// every fetch of a JWKS, once per cached token). Off by default.
     pub fn cache_verified(mut self, capacity: u64) -> Self {
         self.cache = Some(capacity);
         self
@@ -322,7 +324,8 @@ pub struct Verified {
     pub claims: Claims,
     pub(crate) jti: Option<Arc<str>>,
     pub(crate) exp: u64,
-    pub(crate) kid: Option<Arc<str>>,
+    /// The [`VerifyKey::id`](super::keys::VerifyKey) of the key that verified it.
+    pub(crate) key_id: u64,
     pub(crate) issuer: usize,
 }
 
@@ -454,11 +457,12 @@ impl JwtValidator {
             cache.remove(token);
             return Err(AuthFailure::Expired);
         }
-        // Not once its key has left the key set (rotated out or revoked by the issuer).
-        let still_there = match (&hit.kid, self.issuers[hit.issuer].keys.current()) {
-            (Some(kid), Ok(keys)) => keys.contains_kid(kid),
-            (None, Ok(_)) => true,
-            (_, Err(e)) => return Err(e),
+        // Not once the key that verified it has left the key set (rotated out or revoked
+        // by the issuer, or replaced under the same `kid`, or with no `kid` at all): then
+        // the token is verified again against the current keys.
+        let still_there = match self.issuers[hit.issuer].keys.current() {
+            Ok(keys) => keys.contains_id(hit.key_id),
+            Err(e) => return Err(e),
         };
         if !still_there {
             cache.remove(token);
@@ -598,7 +602,7 @@ impl JwtValidator {
         Ok(Verified {
             principal,
             exp,
-            kid: key.kid.clone(),
+            key_id: key.id,
             issuer: parsed.issuer,
             jti,
             claims: Claims::from_json(parsed.raw),

@@ -13,15 +13,21 @@ pub struct VerifyKey {
     pub(crate) kid: Option<Arc<str>>,
     pub(crate) alg: Algorithm,
     pub(crate) key: DecodingKey,
+    /// Unique per key made in this process: a verified token remembers the key that
+    /// verified it, and is verified again once that key is no longer in the set (a key
+    /// set fetched again makes new keys, even for the same material).
+    pub(crate) id: u64,
 }
 
 impl VerifyKey {
     /// A key for `alg` with `kid` (or none).
     pub(crate) fn new(kid: Option<&str>, alg: Algorithm, key: DecodingKey) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
             kid: kid.map(Arc::from),
             alg,
             key,
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -92,6 +98,11 @@ impl KeySet {
                 matching.next().is_none().then_some(first)
             }
         }
+    }
+
+    /// Whether the key made with this [`VerifyKey::id`] is in the set.
+    pub(crate) fn contains_id(&self, id: u64) -> bool {
+        self.keys.iter().any(|k| k.id == id)
     }
 
     /// Whether a key with this `kid` is in the set.
