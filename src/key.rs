@@ -124,8 +124,11 @@ impl<X: KeyExtractor + ?Sized> KeyExtractor for Arc<X> {
 pub struct PairKey<A, B>(pub A, pub B);
 
 impl<A: fmt::Display, B: fmt::Display> fmt::Display for PairKey<A, B> {
+    /// `<length of the first>:<first>|<second>`: the length keeps `("x|y", "z")` and
+    /// `("x", "y|z")` apart (they are two keys in Redis too).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}|{}", self.0, self.1)
+        let first = self.0.to_string();
+        write!(f, "{}:{first}|{}", first.len(), self.1)
     }
 }
 
@@ -161,14 +164,31 @@ impl KeyExtractor for Global {
 
 /// The method and path of the request (no query). Put the layer on the routes it should
 /// cover; the path of a route with parameters differs per value (`/orders/1`, `/orders/2`).
+/// A path longer than [`MAX_ROUTE_KEY_PATH`] bytes is keyed on its first bytes and a hash of
+/// the rest, so a key costs a bounded amount of memory (and of Redis) whatever the path.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Route;
+
+/// The longest path [`Route`] keeps whole in a key.
+pub const MAX_ROUTE_KEY_PATH: usize = 256;
 
 impl KeyExtractor for Route {
     type Key = String;
 
     fn extract(&self, req: &RequestHead<'_>) -> Option<String> {
-        Some(format!("{} {}", req.method, req.uri.path()))
+        let path = req.uri.path();
+        if path.len() <= MAX_ROUTE_KEY_PATH {
+            return Some(format!("{} {path}", req.method));
+        }
+        // FNV-1a: the same on every replica and every build, unlike std's hashers.
+        let hash = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        let mut cut = MAX_ROUTE_KEY_PATH - 24;
+        while !path.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        Some(format!("{} {}#{hash:016x}", req.method, &path[..cut]))
     }
 }
 
@@ -837,7 +857,29 @@ mod tests {
         );
         assert_eq!(Principal.extract(&head), None);
         let pair = (Global, Route);
-        assert_eq!(pair.extract(&head).unwrap().to_string(), "global|POST /a/b");
+        assert_eq!(
+            pair.extract(&head).unwrap().to_string(),
+            "6:global|POST /a/b"
+        );
+        // Components with the separator in them stay apart.
+        assert_ne!(
+            PairKey("x|y", "z").to_string(),
+            PairKey("x", "y|z").to_string()
+        );
+        // A long path keys on its start and a hash: bounded, and still one key per path.
+        let long = |tail: &str| {
+            Request::get(format!("/{}{tail}", "p".repeat(5000)))
+                .body(())
+                .unwrap()
+        };
+        let (a, b) = (long("a"), long("b"));
+        let (ka, kb) = (
+            Route.extract(&RequestHead::of(&a)).unwrap(),
+            Route.extract(&RequestHead::of(&b)).unwrap(),
+        );
+        assert!(ka.len() <= MAX_ROUTE_KEY_PATH + 8, "{}", ka.len());
+        assert_ne!(ka, kb);
+        assert_eq!(ka, Route.extract(&RequestHead::of(&long("a"))).unwrap());
         r.extensions_mut().insert(crate::principal::Principal::new(
             "alice",
             crate::principal::AuthScheme::Bearer,
