@@ -27,6 +27,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -273,7 +274,14 @@ pub(crate) struct Collector {
     capacity: usize,
     max: usize,
     trailers: Option<HeaderMap>,
+    /// How long the body may send nothing; the timer exists only once the body has kept
+    /// the reader waiting (a body already buffered costs none).
+    idle: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// How long the layers that read a request body wait for its next bytes by default.
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a [`Collector`] stopped.
 #[cfg(any(feature = "validate", feature = "idempotency"))]
@@ -283,6 +291,8 @@ pub(crate) enum CollectError {
     TooLarge,
     /// The body failed; the error's text.
     Failed(String),
+    /// The body sent nothing for the idle timeout.
+    Stalled(Duration),
 }
 
 /// A body read to its end.
@@ -304,13 +314,15 @@ impl Collected {
 #[cfg(any(feature = "validate", feature = "idempotency"))]
 impl Collector {
     /// A reader that refuses more than `max` bytes, sized for `declared` (`Content-Length`).
-    pub(crate) fn new(max: usize, declared: Option<u64>) -> Self {
+    pub(crate) fn new(max: usize, declared: Option<u64>, idle: Duration) -> Self {
         Self {
             first: None,
             buf: bytes::BytesMut::new(),
             capacity: declared.map_or(8 * 1024, |n| n as usize).min(max),
             max,
             trailers: None,
+            idle,
+            stalled: None,
         }
     }
 
@@ -325,7 +337,27 @@ impl Collector {
         B::Error: std::fmt::Display,
     {
         loop {
-            let frame = match std::task::ready!(body.as_mut().poll_frame(cx)) {
+            let polled = match body.as_mut().poll_frame(cx) {
+                Poll::Ready(polled) => polled,
+                Poll::Pending => {
+                    // A client that stops sending (or declared more than it sends) must
+                    // not hold the request, and what it holds, forever.
+                    let idle = self.idle;
+                    let stalled = self
+                        .stalled
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    if stalled.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(CollectError::Stalled(idle)));
+                    }
+                    return Poll::Pending;
+                }
+            };
+            if let Some(stalled) = self.stalled.as_mut() {
+                stalled
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + self.idle);
+            }
+            let frame = match polled {
                 Some(Ok(frame)) => frame,
                 Some(Err(error)) => {
                     return Poll::Ready(Err(CollectError::Failed(error.to_string())));
@@ -424,7 +456,7 @@ mod tests {
         frames: Vec<Option<Frame<Bytes>>>,
     ) -> Result<Collected, CollectError> {
         let mut body = std::pin::pin!(Frames(frames.into()));
-        let mut collector = Collector::new(max, None);
+        let mut collector = Collector::new(max, None, DEFAULT_BODY_IDLE_TIMEOUT);
         std::future::poll_fn(|cx| collector.poll_collect(body.as_mut(), cx)).await
     }
 

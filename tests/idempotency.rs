@@ -1080,3 +1080,47 @@ async fn grpc_errors_are_kept_or_not_like_their_http_classes_and_replayed_whole(
     }
     assert_eq!(runs.load(Ordering::SeqCst), 3);
 }
+
+/// A body that sends its first bytes and then nothing ever again.
+struct Stalls(Option<Bytes>);
+
+impl http_body::Body for Stalls {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match self.0.take() {
+            Some(data) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// A keyed request whose body stalls is refused with `408` after the idle timeout
+/// (configurable), before any claim: the key stays free and a retry runs.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_body_is_408_and_leaves_the_key_free() {
+    let origin = Arc::new(Origin::default());
+    let app = app(
+        IdempotencyLayer::builder()
+            .body_idle_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap(),
+        &origin,
+    );
+    let stalled = Request::post("/orders")
+        .header("content-type", "application/json")
+        .header("idempotency-key", "k-stalled")
+        .body(Body::new(Stalls(Some(Bytes::from_static(b"{\"a\":")))))
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let a = send(&app, stalled).await;
+    assert_eq!(a.status, StatusCode::REQUEST_TIMEOUT, "{}", a.text);
+    assert!(started.elapsed() < Duration::from_secs(7));
+    assert_eq!(origin.runs(), 0);
+    let retried = send(&app, order(Some("k-stalled"), "{}")).await;
+    assert_eq!(retried.status, StatusCode::CREATED);
+}

@@ -454,3 +454,76 @@ async fn an_empty_body_is_refused_however_it_comes() {
         StatusCode::OK
     );
 }
+
+/// A body that sends its chunks `every` apart (on tokio's clock), then ends; with no
+/// chunks left and `stall` set, it never sends anything again.
+struct Paced {
+    chunks: VecDeque<Bytes>,
+    every: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    stall: bool,
+}
+
+impl http_body::Body for Paced {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.chunks.is_empty() {
+            return if self.stall {
+                Poll::Pending
+            } else {
+                Poll::Ready(None)
+            };
+        }
+        let every = self.every;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
+        std::task::ready!(sleep.as_mut().poll(cx));
+        self.sleep = None;
+        let chunk = self.chunks.pop_front().unwrap();
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+}
+
+/// A body that stops sending is refused with `408` once it has sent nothing for the idle
+/// timeout (30 s by default); a slow one that keeps sending is read to its end.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_body_is_408_and_a_slow_one_is_read() {
+    let app = orders();
+    let chunks = |parts: &[&'static str]| {
+        parts
+            .iter()
+            .map(|p| Bytes::from_static(p.as_bytes()))
+            .collect()
+    };
+    let stalled = Paced {
+        chunks: chunks(&[r#"{"product_id": "#]),
+        every: Duration::from_secs(1),
+        sleep: None,
+        stall: true,
+    };
+    let started = tokio::time::Instant::now();
+    let a = send(&app, post_json(Body::new(stalled))).await;
+    assert_eq!(a.status, StatusCode::REQUEST_TIMEOUT, "{}", a.text);
+    assert_eq!(a.body["status"], 408);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(31) && waited < Duration::from_secs(33),
+        "{waited:?}"
+    );
+    // Four chunks, 20 s apart: 80 s in all, never 30 s without a byte.
+    let slow = Paced {
+        chunks: chunks(&[r#"{"product_id": "#, r#""p-1", "#, r#""quantity": "#, "2}"]),
+        every: Duration::from_secs(20),
+        sleep: None,
+        stall: false,
+    };
+    let a = send(&app, post_json(Body::new(slow))).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["quantity"], 2);
+}

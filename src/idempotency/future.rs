@@ -187,7 +187,7 @@ where
         declared: Option<u64>,
     ) -> Self {
         let (parts, body) = req.into_parts();
-        let collector = Collector::new(shared.max_request_body, declared);
+        let collector = Collector::new(shared.max_request_body, declared, shared.body_idle_timeout);
         Self {
             state: State::Collecting {
                 body,
@@ -222,6 +222,16 @@ where
             None
         }
         Err(CollectError::TooLarge) => Some(keyed.refuse(IdempotencyOutcome::TooLarge)),
+        Err(CollectError::Stalled(idle)) => {
+            let head = RequestHead::of_parts(keyed.parts());
+            let response = Rejection::new(StatusCode::REQUEST_TIMEOUT, "Request Timeout")
+                .with_detail(format!(
+                    "The body sent nothing for {} s; send it again.",
+                    idle.as_secs_f64()
+                ))
+                .render(&head);
+            Some(buffered(response))
+        }
         Err(CollectError::Failed(error)) => {
             let head = RequestHead::of_parts(keyed.parts());
             let response = Rejection::new(StatusCode::BAD_REQUEST, "Bad Request")

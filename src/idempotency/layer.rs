@@ -33,6 +33,7 @@ pub(crate) struct Shared {
     pub(crate) fingerprint_headers: Vec<HeaderName>,
     pub(crate) stored_headers: Vec<HeaderName>,
     pub(crate) max_request_body: usize,
+    pub(crate) body_idle_timeout: Duration,
     pub(crate) max_response_body: usize,
     pub(crate) in_flight_ttl: Duration,
     pub(crate) max_hold: Duration,
@@ -99,6 +100,7 @@ impl IdempotencyLayer {
                 LAST_MODIFIED,
             ],
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
+            body_idle_timeout: crate::body::DEFAULT_BODY_IDLE_TIMEOUT,
             max_response_body: DEFAULT_MAX_RESPONSE_BODY,
             in_flight_ttl: DEFAULT_IN_FLIGHT_TTL,
             max_hold: DEFAULT_MAX_HOLD,
@@ -118,6 +120,7 @@ pub struct IdempotencyBuilder {
     fingerprint_headers: Vec<HeaderName>,
     stored_headers: Vec<HeaderName>,
     max_request_body: usize,
+    body_idle_timeout: Duration,
     max_response_body: usize,
     in_flight_ttl: Duration,
     max_hold: Duration,
@@ -190,6 +193,15 @@ impl IdempotencyBuilder {
     /// refused with `413`. Only requests with a key are read.
     pub fn max_request_body(mut self, bytes: usize) -> Self {
         self.max_request_body = bytes;
+        self
+    }
+
+    /// How long a request body being read (to fingerprint it) may send nothing before the
+    /// request is refused with `408` (default 30 s,
+    /// [`DEFAULT_BODY_IDLE_TIMEOUT`](crate::body::DEFAULT_BODY_IDLE_TIMEOUT)). A slow upload
+    /// that keeps sending is not cut.
+    pub fn body_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.body_idle_timeout = timeout;
         self
     }
 
@@ -271,6 +283,7 @@ impl IdempotencyBuilder {
                 fingerprint_headers: self.fingerprint_headers,
                 stored_headers,
                 max_request_body: self.max_request_body,
+                body_idle_timeout: self.body_idle_timeout,
                 max_response_body: self.max_response_body,
                 in_flight_ttl: self.in_flight_ttl,
                 max_hold: self.max_hold,

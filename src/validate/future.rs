@@ -89,7 +89,7 @@ where
                 body,
                 collect: Box::new(Collect {
                     parts: Some(parts),
-                    collector: Collector::new(shared.max_body, declared),
+                    collector: Collector::new(shared.max_body, declared, shared.body_idle_timeout),
                     service: Some(service),
                     shared,
                     found: Some(found),
@@ -119,6 +119,15 @@ where
                         Err(CollectError::TooLarge) => {
                             Err(Box::new(too_large(&head, collect.shared.max_body)))
                         }
+                        Err(CollectError::Stalled(idle)) => Err(Box::new(refuse(
+                            &head,
+                            StatusCode::REQUEST_TIMEOUT,
+                            "Request Timeout",
+                            format!(
+                                "The body sent nothing for {} s; send it again.",
+                                idle.as_secs_f64()
+                            ),
+                        ))),
                         Err(CollectError::Failed(error)) => Err(Box::new(refuse(
                             &head,
                             StatusCode::BAD_REQUEST,

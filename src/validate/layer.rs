@@ -46,6 +46,7 @@ pub(crate) struct Shared {
     pub(crate) max_errors: usize,
     pub(crate) report_only: bool,
     pub(crate) reads_body: bool,
+    pub(crate) body_idle_timeout: std::time::Duration,
 }
 
 /// Default body limit: 1 MiB.
@@ -64,6 +65,7 @@ pub struct ValidateBuilder {
     allow_backtracking: bool,
     max_errors: usize,
     report_only: bool,
+    body_idle_timeout: std::time::Duration,
 }
 
 impl fmt::Debug for ValidateBuilder {
@@ -85,6 +87,7 @@ impl ValidateLayer {
             allow_backtracking: false,
             max_errors: 20,
             report_only: false,
+            body_idle_timeout: crate::body::DEFAULT_BODY_IDLE_TIMEOUT,
         }
     }
 }
@@ -162,6 +165,15 @@ impl ValidateBuilder {
         self
     }
 
+    /// How long the body may send nothing before the request is refused with `408`
+    /// (default 30 s, [`DEFAULT_BODY_IDLE_TIMEOUT`](crate::body::DEFAULT_BODY_IDLE_TIMEOUT)):
+    /// a client that stalls, or declares more than it sends, does not hold the request
+    /// forever. A slow upload that keeps sending is not cut.
+    pub fn body_idle_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.body_idle_timeout = timeout;
+        self
+    }
+
     /// The layer, with every schema compiled and linted.
     pub fn build(self) -> Result<ValidateLayer, ConfigError> {
         let compile = |s: &Value| Schema::compile(s, self.allow_backtracking);
@@ -189,6 +201,7 @@ impl ValidateBuilder {
                 header_schema,
                 max_errors: self.max_errors,
                 report_only: self.report_only,
+                body_idle_timeout: self.body_idle_timeout,
                 reads_body,
             }),
         })
