@@ -279,3 +279,10 @@ pub use rate_limit::{Quota, RateLimitLayer};
 pub use reject::Rejection;
 #[cfg(feature = "trace")]
 pub use trace::TraceLayer;
+
+/// The longest duration a layer accepts for a TTL, a lease or a wait ("forever" in
+/// practice): longer ones, up to `Duration::MAX`, are cut to it, so that adding one to a
+/// clock reading can never overflow (which panics).
+#[allow(dead_code)]
+pub(crate) const FOREVER: std::time::Duration =
+    std::time::Duration::from_secs(10 * 365 * 24 * 3600);

@@ -1124,3 +1124,24 @@ async fn a_stalled_body_is_408_and_leaves_the_key_free() {
     let retried = send(&app, order(Some("k-stalled"), "{}")).await;
     assert_eq!(retried.status, StatusCode::CREATED);
 }
+
+/// "Forever" durations (`Duration::MAX`) are accepted and cut to a very long time: no
+/// clock arithmetic overflows (which would panic inside a request).
+#[tokio::test]
+async fn durations_of_forever_do_not_overflow() {
+    let origin = Arc::new(Origin::default());
+    let app = app(
+        IdempotencyLayer::builder()
+            .retention(Duration::MAX)
+            .in_flight_ttl(Duration::MAX)
+            .max_hold(Duration::MAX)
+            .build()
+            .unwrap(),
+        &origin,
+    );
+    for replayed in [false, true] {
+        let a = send(&app, order(Some("k-forever"), "{}")).await;
+        assert_eq!(a.status, StatusCode::CREATED);
+        assert_eq!(a.replayed(), replayed);
+    }
+}

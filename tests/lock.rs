@@ -945,3 +945,18 @@ async fn wait_until(check: impl Fn() -> bool, what: &str) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// "Forever" durations (`Duration::MAX`) for the TTL, the hold cap, the backoff and the
+/// wait are cut to a very long time: no clock arithmetic overflows (which would panic).
+#[tokio::test]
+async fn durations_of_forever_do_not_overflow() {
+    let locks = LockManager::builder()
+        .ttl(Duration::MAX)
+        .max_hold(Duration::MAX)
+        .retry_backoff(Duration::MAX, Duration::MAX)
+        .memory();
+    let guard = locks.acquire("forever", Duration::MAX).await.unwrap();
+    assert!(locks.try_acquire("forever").await.unwrap().is_none());
+    guard.release().await.unwrap();
+    assert!(locks.try_acquire("forever").await.unwrap().is_some());
+}

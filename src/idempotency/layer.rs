@@ -216,7 +216,7 @@ impl IdempotencyBuilder {
     /// request renews its claim every third of it, so this bounds how long the key stays
     /// held after the process running the request died, not how long a request may take.
     pub fn in_flight_ttl(mut self, ttl: Duration) -> Self {
-        self.in_flight_ttl = ttl;
+        self.in_flight_ttl = ttl.min(crate::FOREVER);
         self
     }
 
@@ -225,13 +225,13 @@ impl IdempotencyBuilder {
     /// `in_flight_ttl` later and a retry runs; whatever the stuck request answers in the
     /// end is not stored over the retry's record (the write is fenced by the owner token).
     pub fn max_hold(mut self, max_hold: Duration) -> Self {
-        self.max_hold = max_hold;
+        self.max_hold = max_hold.min(crate::FOREVER);
         self
     }
 
     /// How long a completed response is kept for replay (default 24 h).
     pub fn retention(mut self, ttl: Duration) -> Self {
-        self.retention = ttl;
+        self.retention = ttl.min(crate::FOREVER);
         self
     }
 

@@ -91,14 +91,14 @@ impl LockManagerBuilder {
     /// The lease (10 s by default): how long a lock survives a holder that died. The
     /// watchdog extends it while the guard lives.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.config.ttl = ttl.max(Duration::from_millis(10));
+        self.config.ttl = ttl.clamp(Duration::from_millis(10), crate::FOREVER);
         self
     }
 
     /// The cap on how long the watchdog keeps extending one lease (5 minutes by default).
     /// Past it the lease runs out and the guard's `lost()` fires.
     pub fn max_hold(mut self, max_hold: Duration) -> Self {
-        self.config.max_hold = max_hold;
+        self.config.max_hold = max_hold.min(crate::FOREVER);
         self
     }
 
@@ -121,8 +121,8 @@ impl LockManagerBuilder {
     /// net (a lost message, a holder that died) and never later than the holder's lease
     /// ends.
     pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.config.backoff_min = min.max(Duration::from_millis(1));
-        self.config.backoff_max = max.max(self.config.backoff_min);
+        self.config.backoff_min = min.clamp(Duration::from_millis(1), crate::FOREVER);
+        self.config.backoff_max = max.clamp(self.config.backoff_min, crate::FOREVER);
         self
     }
 
@@ -247,7 +247,8 @@ impl LockManager {
         let shared = &self.shared;
         let config = &shared.config;
         let started = Instant::now();
-        let deadline = started + wait;
+        // "Wait forever" (`Duration::MAX`) waits a very long time, without overflowing.
+        let deadline = started + wait.min(crate::FOREVER);
         let mut subscription: Option<Subscription> = None;
         let mut subscribed = false;
         let mut backoff = config.backoff_min;
