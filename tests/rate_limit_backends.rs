@@ -883,3 +883,32 @@ async fn a_short_policy_never_expires_a_longer_one_sharing_its_key() {
         "the daily quota was forgotten"
     );
 }
+
+/// With Redis down and the local fallback on a share of the quota, a request costing more
+/// than the local share (but within the whole burst) is charged the whole local share
+/// rather than refused for ever with a `Retry-After` that can never come true.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_fallback_charges_a_costly_request_its_whole_share() {
+    let mut server = RedisServer::start();
+    let store = connect(fault_config(&server)).await;
+    let svc = Store::Redis(store, FailurePolicy::Local { replicas: 2 }).service(
+        builder("costly")
+            .policy("p", Quota::requests_per(4, Duration::from_secs(60)))
+            .cost(|req| {
+                req.headers
+                    .get("x-cost")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(1)
+            }),
+    );
+    server.stop();
+    let a = send(&svc, "k", &[("x-cost", "3")]).await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.note());
+    assert_eq!(a.note().source, LimitSource::LocalFallback);
+    let a = send(&svc, "k", &[]).await;
+    assert_eq!(
+        a.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the share was spent"
+    );
+}

@@ -182,6 +182,15 @@ where
                 for (l, limit) in local.iter_mut().zip(limits) {
                     *l = limit.divided(replicas);
                 }
+                // A cost over this replica's share of a burst (but within the whole burst,
+                // or the layer would have refused it) could never pass here, and would be
+                // told to retry in vain: it is charged the whole local burst instead.
+                let local_max = local[..limits.len()]
+                    .iter()
+                    .map(Limit::burst)
+                    .min()
+                    .unwrap_or(1);
+                let cost = cost.min(u32::try_from(local_max).unwrap_or(u32::MAX));
                 let mut d = self.fallback.decide(key, &local[..limits.len()], cost);
                 d.source = LimitSource::LocalFallback;
                 Ok(d)
