@@ -194,6 +194,10 @@ impl<K, const N: usize> Table<K, N> {
         let mut tats = [0; N];
         let (result, allowed) = f(&mut tats, now, LimitSource::Memory);
         if allowed {
+            // The new key may go idle before any key the last sweep kept (or the table was
+            // empty then): the next sweep may not wait past it.
+            let idle_at = tats.iter().copied().max().unwrap_or(0);
+            shard.next_sweep = shard.next_sweep.min(idle_at);
             // The hash is not stored (smaller entries, fewer cache misses); growing the
             // table, which is rare, hashes the keys again.
             shard.table.insert_unique(
@@ -386,6 +390,36 @@ mod tests {
             assert_eq!(backend.decide(&k, &limits, 1).source, LimitSource::Memory);
         }
         assert!(backend.tracked_keys() <= 1000);
+    }
+
+    /// A sweep that empties a shard, or leaves only keys limited for long, must not put
+    /// the next sweep off past keys inserted after it: those go idle sooner, and new
+    /// clients need their room (else they share the overflow bucket).
+    #[test]
+    fn keys_inserted_after_a_sweep_are_swept_when_idle() {
+        let limits = [Quota::requests_per(10, Duration::from_secs(86_400))
+            .validate()
+            .unwrap()];
+        let (clock, hand) = Clock::manual();
+        let backend = MemoryBackend::<u32>::new(1).with_clock(clock);
+        let hour = Duration::from_secs(3600);
+        // A light key, idle after 2.4 h; three hours on, the sweep for the next key
+        // empties the table.
+        assert_eq!(backend.decide(&1, &limits, 1).source, LimitSource::Memory);
+        hand.advance(3 * hour);
+        assert_eq!(backend.decide(&2, &limits, 1).source, LimitSource::Memory);
+        // Key 2 is idle 2.4 h later: a new key three hours on gets its room.
+        hand.advance(3 * hour);
+        assert_eq!(backend.decide(&3, &limits, 1).source, LimitSource::Memory);
+        // A heavy key in a table of one: light keys inserted after it are swept in turn.
+        hand.advance(3 * hour);
+        for _ in 0..10 {
+            assert!(backend.decide(&4, &limits, 1).allowed);
+        }
+        hand.advance(25 * hour);
+        assert_eq!(backend.decide(&5, &limits, 1).source, LimitSource::Memory);
+        hand.advance(3 * hour);
+        assert_eq!(backend.decide(&6, &limits, 1).source, LimitSource::Memory);
     }
 
     #[test]
