@@ -950,3 +950,41 @@ async fn a_cached_token_is_verified_again_once_its_kid_names_another_key() {
         "the new key under k1",
     );
 }
+
+/// An issuer that comes back is used within about a second, not at the end of a backoff
+/// that grew while it was down: a request that finds no usable keys starts a fetch (at most
+/// one a second).
+#[tokio::test]
+async fn keys_come_back_soon_after_the_issuer_does() {
+    let server = JwksServer::start(&[rsa_jwk("k1")]).await;
+    server.set_status(500);
+    let jwks = Jwks::from_url(&server.url)
+        .algorithms([Algorithm::RS256, Algorithm::ES256])
+        .refresh_interval(Duration::from_secs(60), Duration::from_secs(3600))
+        .timeout(Duration::from_secs(1))
+        .build_lazy()
+        .unwrap();
+    let addr = serve_app(auth(jwks_validator(jwks.clone()))).await;
+    let client = client();
+    let token = rs256("k1");
+    // Failing fetches back off: 1 s, then 2 s, then 4 s.
+    let three_failures = within(Duration::from_secs(6), || {
+        let hits = server.hits();
+        async move { hits >= 3 }
+    })
+    .await;
+    assert!(three_failures, "{} fetches", server.hits());
+    server.set_status(200);
+    let started = Instant::now();
+    let recovered = within(Duration::from_secs(3), || {
+        let (client, token) = (client.clone(), token.clone());
+        async move { me(&client, addr, &token).await.status == StatusCode::OK }
+    })
+    .await;
+    assert!(recovered, "the keys did not come back within 3 s");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "came back after {:?} (the backoff's next fetch was up to 4 s away)",
+        started.elapsed()
+    );
+}

@@ -213,6 +213,8 @@ struct Shared {
     /// The unknown-`kid` refresh: when the last one was asked for, and which one is pending.
     gate: Mutex<Gate>,
     misses: Mutex<Misses>,
+    /// When a request last woke the refresh task because it had no usable keys.
+    nudged: Mutex<Option<Instant>>,
 }
 
 struct Loaded {
@@ -333,14 +335,18 @@ impl Jwks {
     ///
     /// [`AuthFailure::KeysUnavailable`] before the first fetch has succeeded, and when the
     /// keys were due for a refresh more than `max_stale` ago (refreshing keeps failing).
+    /// Either way a fetch is started at once (at most one a second), whatever the backoff
+    /// of the failing fetches had grown to: keys come back soon after the issuer does.
     pub fn current(&self) -> Result<Arc<KeySet>, AuthFailure> {
         let guard = self.inner.state.load();
         let Some(loaded) = guard.as_ref() else {
+            self.nudge();
             return Err(AuthFailure::KeysUnavailable);
         };
         if let Some(stale_at) = loaded.stale_at
             && Instant::now() >= stale_at
         {
+            self.nudge();
             return Err(AuthFailure::KeysUnavailable);
         }
         Ok(Arc::clone(&loaded.keys))
@@ -399,6 +405,24 @@ impl Jwks {
             .lock()
             .insert(kid, Instant::now(), cooldown);
         Err(AuthFailure::UnknownKey)
+    }
+
+    /// No usable keys (stale past `max_stale`, or none yet): wakes the refresh task, at most
+    /// once per [`FIRST_RETRY`], so keys come back within about a second of the issuer
+    /// recovering instead of at the end of a backoff that may have grown to `min_refresh`.
+    fn nudge(&self) {
+        let Source::Remote(remote) = &self.inner.source else {
+            return;
+        };
+        {
+            let mut nudged = self.inner.nudged.lock();
+            let now = Instant::now();
+            if nudged.is_some_and(|at| now.duration_since(at) < FIRST_RETRY) {
+                return;
+            }
+            *nudged = Some(now);
+        }
+        let _ = remote.wake.try_send(());
     }
 
     /// Fetches the keys now and waits for the result. Concurrent calls share one fetch (a
@@ -701,6 +725,7 @@ impl Shared {
             progress: watch::Sender::new(Progress::default()),
             gate: Mutex::new(Gate::default()),
             misses: Mutex::new(Misses::default()),
+            nudged: Mutex::new(None),
         }
     }
 
