@@ -68,7 +68,7 @@ impl JsonLimits {
         self
     }
 
-    /// Longest string, in bytes as sent (default 64 KiB).
+    /// Longest string, in bytes once decoded (UTF-8, escapes resolved; default 64 KiB).
     pub fn max_string_len(mut self, bytes: usize) -> Self {
         self.string = bytes;
         self
@@ -137,7 +137,11 @@ impl JsonLimits {
                             }
                         }
                     }
-                    if i - start - 1 > self.string {
+                    // The limit is on the string decoded (as the parse checks it), which
+                    // is never longer than its text: decoded only when the text is over.
+                    if i - start - 1 > self.string
+                        && decoded_len(&bytes[start + 1..i]) > self.string
+                    {
                         return Err(JsonError::new(
                             format!("a string longer than {} bytes", self.string),
                             start,
@@ -405,6 +409,51 @@ impl<'de> Visitor<'de> for ValueVisitor<'_> {
     }
 }
 
+/// The length in UTF-8 bytes of the JSON string whose text (between the quotes) is `raw`,
+/// escapes resolved (`\u00e9` is 2 bytes, a surrogate pair 4, `\n` 1).
+fn decoded_len(raw: &[u8]) -> usize {
+    let hex = |at: usize| -> Option<u32> {
+        let digits = raw.get(at..at + 4)?;
+        u32::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    let mut len = 0;
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] != b'\\' {
+            len += 1;
+            i += 1;
+            continue;
+        }
+        if raw.get(i + 1) != Some(&b'u') {
+            len += 1;
+            i += 2;
+            continue;
+        }
+        match hex(i + 2) {
+            Some(0xD800..=0xDBFF)
+                if raw.get(i + 6..i + 8) == Some(b"\\u")
+                    && hex(i + 8).is_some_and(|low| (0xDC00..=0xDFFF).contains(&low)) =>
+            {
+                len += 4;
+                i += 12;
+            }
+            Some(cp) => {
+                len += match cp {
+                    0..=0x7F => 1,
+                    0x80..=0x7FF => 2,
+                    _ => 3,
+                };
+                i += 6;
+            }
+            None => {
+                len += 1;
+                i += 2;
+            }
+        }
+    }
+    len
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,6 +516,31 @@ mod tests {
         assert!(limits.parse(b"[1,2,3,4]").is_err());
         assert!(limits.parse(br#"{"a":1,"b":2}"#).is_ok());
         assert!(limits.parse(br#"{"a":1,"b":2,"c":3}"#).is_err());
+        // The limit is on decoded bytes, whether or not the scan runs (a zero float makes
+        // it run): 8 escaped letters are 8 bytes; 9 are too many.
+        let escaped8 = br#"["\u0041\u0041\u0041\u0041\u0041\u0041\u0041\u0041""#;
+        for tail in [&b"]"[..], b", 0.0]"] {
+            let doc = [&escaped8[..], tail].concat();
+            assert!(
+                limits.parse(&doc).is_ok(),
+                "{}",
+                String::from_utf8_lossy(&doc)
+            );
+        }
+        assert!(
+            limits
+                .parse(br#"["\u00e9\u00e9\u00e9\u00e9\u00e9", 0.0]"#)
+                .is_err()
+        );
+        assert!(
+            limits
+                .parse(br#"["\ud83d\ude00\ud83d\ude00", 0.0]"#)
+                .is_ok()
+        );
+        assert_eq!(
+            super::decoded_len(br#"a\n\u00e9\ud83d\ude00"#),
+            1 + 1 + 2 + 4
+        );
         // Commas inside strings are not separators.
         assert!(limits.parse(br#"["a,b,c,d"]"#).is_ok());
         assert!(limits.parse(br#"["a\",b,c"]"#).is_ok());
