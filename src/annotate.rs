@@ -246,6 +246,8 @@ pub enum LockOutcome {
     Unavailable,
     /// The lock was obtained and later lost (an extension failed).
     Lost,
+    /// The request named a resource that cannot be locked (the name was refused).
+    InvalidName,
 }
 
 impl LockOutcome {
@@ -256,6 +258,7 @@ impl LockOutcome {
             LockOutcome::TimedOut => "timed_out",
             LockOutcome::Unavailable => "unavailable",
             LockOutcome::Lost => "lost",
+            LockOutcome::InvalidName => "invalid_name",
         }
     }
 }

@@ -228,6 +228,16 @@ async fn annotation_records_wait_and_outcome() {
     assert_eq!(n2.outcome, LockOutcome::TimedOut);
     assert!(n2.wait >= Duration::from_millis(90), "{:?}", n2.wait);
     assert!(a2.snapshot().refused());
+    // A name the lock refuses (braces would change a Redis Cluster hash tag) is a 400,
+    // recorded as such (not as the lock service being unavailable).
+    let (r3, a3) = annotated("{x}");
+    assert_eq!(
+        app.clone().oneshot(r3).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    let n3 = a3.snapshot().lock.expect("lock note");
+    assert_eq!(n3.outcome, LockOutcome::InvalidName);
+    assert_eq!(n3.outcome.as_str(), "invalid_name");
 }
 
 #[tokio::test]

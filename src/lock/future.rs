@@ -86,7 +86,7 @@ fn refusal(error: &LockError, busy: BusyResponse) -> (Rejection, LockOutcome) {
         LockError::InvalidName => (
             Rejection::new(StatusCode::BAD_REQUEST, "Invalid resource identifier")
                 .with_detail("The request names a resource that cannot be locked."),
-            LockOutcome::Unavailable,
+            LockOutcome::InvalidName,
         ),
         LockError::TimedOut { .. } => {
             let rejection = match busy {
