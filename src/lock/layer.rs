@@ -40,6 +40,12 @@ pub(crate) struct Settings {
 /// extensions, with the fencing token. Wait time and outcome go into the request's
 /// [`annotate::Record`](crate::annotate::Record).
 ///
+/// The lock is held while the handler reads the request body and while the client reads
+/// the response (the watchdog extends it, up to the manager's hold cap): a client that
+/// uploads or downloads slowly keeps others on the same name waiting. Put the layer inside
+/// a layer that reads the body first ([`validate`](crate::validate), whose
+/// `body_idle_timeout` also refuses a stalled upload), and keep locked responses small.
+///
 /// ```
 /// use battlement::lock::{HeldLock, LockLayer, LockManager};
 /// use http::{Request, Response};
