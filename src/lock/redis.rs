@@ -28,18 +28,20 @@ const FENCE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// far slower than the clock, so it never runs ahead of it. Redlock nodes start their
 /// counters from their own clocks, so a name's first lock on them takes a raise round (see
 /// [`RAISE`]); after it the nodes advance in step. The counter's expiry (an idle name's
-/// counter is forgotten after [`FENCE_TTL`]) is pushed back when it was last pushed back
-/// more than a quarter of it ago, so the common path is three commands. That pacing is the
-/// only use of the caller's clock (it spares a `TIME` per acquisition); tokens come from
-/// the counters and the nodes' clocks alone.
-/// KEYS: lock, fence. ARGV: owner, ttl ms, fence ttl ms, caller's clock in µs.
+/// counter is forgotten after [`FENCE_TTL`]) is pushed back the first time the name is
+/// locked in each quarter of it (the caller's clock, in quarters of [`FENCE_TTL`] since the
+/// Unix epoch, compared as a string: no arithmetic in the script), so the common path is
+/// three commands and a counter in use always has three quarters of its expiry ahead. That
+/// pacing is the only use of the caller's clock (it spares a `TIME` per acquisition);
+/// tokens come from the counters and the nodes' clocks alone.
+/// KEYS: lock, fence. ARGV: owner, ttl ms, fence ttl ms, the caller's quarter.
 /// Returns `"<counter> <epoch>"` when granted, the holder's PTTL (an integer) when held.
 const ACQUIRE: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local c = redis.call('HINCRBY', KEYS[2], 'c', 1)
   local f = redis.call('HMGET', KEYS[2], 'e', 'r')
   if c > 1 and f[1] then
-    if tonumber(ARGV[4]) - (tonumber(f[2]) or 0) > tonumber(ARGV[3]) * 250 then
+    if f[2] ~= ARGV[4] then
       redis.call('HSET', KEYS[2], 'r', ARGV[4])
       redis.call('PEXPIRE', KEYS[2], ARGV[3])
     end
@@ -314,8 +316,8 @@ enum Mode {
     Fenced,
 }
 
-/// One acquisition attempt on one node. `args`: owner, ttl ms, fence ttl ms, caller's
-/// clock in µs.
+/// One acquisition attempt on one node. `args`: owner, ttl ms, fence ttl ms, the caller's
+/// quarter of the fence TTL (see [`ACQUIRE`]).
 fn acquire_on(
     store: RedisStore,
     name: &str,
@@ -409,7 +411,7 @@ impl LockBackend for RedisLockBackend {
                 (
                     Mode::Fenced,
                     (FENCE_TTL.as_millis() as u64).to_string(),
-                    super::fence::now_micros().to_string(),
+                    (super::fence::now_micros() / (FENCE_TTL.as_micros() as u64 / 4)).to_string(),
                 )
             } else {
                 (Mode::Plain, String::new(), String::new())
