@@ -142,6 +142,7 @@ impl RedisConfig {
     }
 
     /// How long opening a connection may take.
+    #[cfg_attr(not(feature = "lock"), allow(dead_code))]
     pub(crate) fn connect_limit(&self) -> Duration {
         self.connect_timeout
     }
@@ -396,6 +397,7 @@ impl RedisStore {
     }
 
     /// [`key`](Self::key) for a string id, without the formatting machinery (hot paths).
+    #[cfg_attr(not(any(feature = "lock", feature = "cache")), allow(dead_code))]
     pub(crate) fn key_str(&self, kind: &str, id: &str) -> String {
         let prefix = &self.inner.config.prefix;
         let mut key = String::with_capacity(prefix.len() + kind.len() + id.len() + 4);
@@ -414,12 +416,28 @@ impl RedisStore {
         F: FnOnce(RedisConnection) -> Fut,
         Fut: Future<Output = Result<T, redis::RedisError>>,
     {
+        self.call_inner(true, call).await
+    }
+
+    async fn call_inner<T, F, Fut>(&self, guarded: bool, call: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(RedisConnection) -> Fut,
+        Fut: Future<Output = Result<T, redis::RedisError>>,
+    {
         let breaker = &self.inner.breaker;
-        if !breaker.admit() {
+        if guarded && !breaker.admit() {
             return Err(StoreError::CircuitOpen);
         }
         let timeout = self.inner.config.timeout;
-        match tokio::time::timeout(timeout, call(self.connection())).await {
+        let result = tokio::time::timeout(timeout, call(self.connection())).await;
+        if !guarded {
+            return match result {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(err)) => Err(StoreError::Redis(err)),
+                Err(_) => Err(StoreError::Timeout(timeout)),
+            };
+        }
+        match result {
             Ok(Ok(value)) => {
                 breaker.success();
                 Ok(value)
@@ -457,7 +475,31 @@ impl RedisStore {
         keys: &[&str],
         args: &[&[u8]],
     ) -> Result<T, StoreError> {
-        self.call(|mut conn| async move {
+        self.eval_inner(true, script, keys, args).await
+    }
+
+    /// [`eval`](Self::eval) past an open breaker, and not counted by it: for the clean-up
+    /// that must reach Redis as soon as it answers again (a lock's release, the undo of an
+    /// acquisition or a claim whose answer was lost), whatever the requests' calls have
+    /// been seeing.
+    #[cfg(any(feature = "lock", feature = "idempotency"))]
+    pub(crate) async fn eval_unguarded<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<T, StoreError> {
+        self.eval_inner(false, script, keys, args).await
+    }
+
+    async fn eval_inner<T: FromRedisValue>(
+        &self,
+        guarded: bool,
+        script: &Script,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<T, StoreError> {
+        self.call_inner(guarded, |mut conn| async move {
             // EVALSHA built in place (redis-rs's invocation copies every key and argument
             // twice); only a NOSCRIPT answer goes through it, which loads the script.
             let mut cmd = redis::cmd("EVALSHA");

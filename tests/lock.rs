@@ -965,3 +965,133 @@ async fn durations_of_forever_do_not_overflow() {
     guard.release().await.unwrap();
     assert!(locks.try_acquire("forever").await.unwrap().is_some());
 }
+
+/// Redlock hands a token out only when a quorum of nodes ends at or above it: a node that
+/// minted less and could not be raised (here its ACL refuses the raise's `HGET`, with a
+/// third node down) would let a later quorum repeat the token or go below it. The attempt
+/// is undone and the lock is not granted; once the raise works again, it is.
+#[tokio::test]
+async fn redlock_grants_only_when_a_quorum_reaches_the_token() {
+    let mut servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let key = "battlement:lockfence:{x}";
+    for (i, c) in [(0, "1000"), (1, "1000"), (2, "10")] {
+        servers[i].command(&["HSET", key, "c", c, "e", c, "r", "0"]);
+    }
+    let mut stores = Vec::new();
+    for s in &servers {
+        stores.push(store(s).await);
+    }
+    let locks = LockManager::builder()
+        .retry_backoff(Duration::from_millis(20), Duration::from_millis(50))
+        .redlock(stores)
+        .unwrap();
+    assert_eq!(
+        servers[2].command(&["ACL", "SETUSER", "default", "-hget"]),
+        "OK"
+    );
+    servers[1].stop();
+    let got = locks.acquire("x", Duration::from_millis(300)).await;
+    assert!(
+        matches!(got, Err(LockError::TimedOut { .. })),
+        "granted without a quorum at the token: {:?}",
+        got.map(|g| g.fencing_token())
+    );
+    for i in [0, 2] {
+        assert_eq!(
+            servers[i].command(&["EXISTS", "battlement:lock:{x}"]),
+            "0",
+            "node {i}: the attempt was not undone"
+        );
+    }
+    assert_eq!(
+        servers[2].command(&["ACL", "SETUSER", "default", "+hget"]),
+        "OK"
+    );
+    let guard = locks.acquire("x", Duration::from_secs(2)).await.unwrap();
+    let token = guard.fencing_token().value();
+    assert!(token > 1000, "{token}");
+    assert_eq!(
+        servers[2].command(&["HGET", key, "c"]),
+        token.to_string(),
+        "the lagging node was raised to the token"
+    );
+    guard.release().await.unwrap();
+}
+
+/// Releases go past an open circuit breaker: after Redis stalled long enough to open it,
+/// a holder's release (and the undo of attempts whose answers were lost) still reaches
+/// Redis as soon as it answers, instead of leaving the lock held for its whole TTL.
+#[tokio::test]
+async fn a_release_reaches_redis_past_an_open_breaker() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(
+        RedisConfig::single(server.url())
+            .timeout(Duration::from_millis(100))
+            .circuit_breaker(2, Duration::from_secs(5)),
+    )
+    .await
+    .unwrap();
+    let locks = LockManager::builder()
+        .ttl(Duration::from_secs(30))
+        .redis(store.clone());
+    let guard = locks.acquire("held", Duration::from_secs(1)).await.unwrap();
+    server.pause_writes(Duration::from_millis(400));
+    for name in ["a", "b"] {
+        assert!(
+            locks.try_acquire(name).await.is_err(),
+            "{name}: Redis is paused"
+        );
+    }
+    assert_eq!(store.breaker_state(), battlement::redis::BreakerState::Open);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    guard
+        .release()
+        .await
+        .expect("released past the open breaker");
+    assert_eq!(server.command(&["EXISTS", "battlement:lock:{held}"]), "0");
+    // The attempts that landed after the pause are undone too (asked again in the
+    // background until Redis answers), well before their 30 s TTL.
+    for name in ["a", "b"] {
+        let key = format!("battlement:lock:{{{name}}}");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while server.command(&["EXISTS", &key]) != "0" {
+            assert!(Instant::now() < deadline, "{name} left held");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A slow acquisition (Redis stalled for half the TTL) still gets a lease that the
+/// watchdog extends: the time the attempt took counts once against it, not twice, and the
+/// first extension comes before the lease's deadline rather than after it.
+#[tokio::test]
+async fn a_slow_acquisition_is_extended_not_lost() {
+    let server = RedisServer::start();
+    let store =
+        RedisStore::connect(RedisConfig::single(server.url()).timeout(Duration::from_secs(2)))
+            .await
+            .unwrap();
+    let locks = LockManager::builder()
+        .ttl(Duration::from_millis(600))
+        .redis(store);
+    // Warm: the scripts are loaded.
+    assert!(cycle(&locks, "warm").await.value() > 0);
+    server.pause_writes(Duration::from_millis(300));
+    let started = Instant::now();
+    let guard = locks.acquire("slow", Duration::from_secs(3)).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    let left = guard
+        .deadline()
+        .saturating_duration_since(tokio::time::Instant::now());
+    assert!(
+        left > Duration::from_millis(150),
+        "only {left:?} of the lease left"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !guard.is_lost(),
+        "the watchdog let a slow acquisition's lease run out"
+    );
+    assert_eq!(server.command(&["EXISTS", "battlement:lock:{slow}"]), "1");
+    guard.release().await.unwrap();
+}

@@ -200,9 +200,11 @@ impl IdempotencyStore for RedisIdempotencyStore {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let key = self.key(scope);
+            // Past an open breaker: a claim given back must reach Redis as soon as it
+            // answers, or retries meet it until its lease runs out.
             let released: i64 = self
                 .redis
-                .eval(
+                .eval_unguarded(
                     &self.release,
                     &[key.as_str()],
                     &[owner.as_bytes().as_slice()],

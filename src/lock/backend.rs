@@ -95,13 +95,13 @@ impl fmt::Debug for OwnerToken {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Attempt {
-    /// The lock is ours, with this fencing token, for `validity` from when the attempt
-    /// started.
+    /// The lock is ours, with this fencing token, for `validity` from when the backend
+    /// answers.
     Acquired {
         /// The fencing token minted with the lock.
         token: FencingToken,
-        /// How long the lock is ours, counted from the start of the attempt (the TTL less
-        /// the time the attempt took and, for Redlock, the clock drift allowance).
+        /// How long the lock is ours, counted from when the backend answers: the TTL less
+        /// the time the attempt took and, for Redlock, the clock drift allowance.
         validity: Duration,
     },
     /// Someone else holds it; `expires_in` is how long their lease has left, when known.

@@ -264,16 +264,18 @@ impl LockManager {
                 owner,
                 armed: true,
             };
-            let attempt_started = Instant::now();
             let (last_error, expires_in) =
                 match shared.backend.acquire(name, owner, config.ttl).await {
                     Ok(Attempt::Acquired { token, validity }) => {
                         pending.armed = false;
+                        // `validity` already leaves out the time the attempt took: it
+                        // counts from now (from the attempt's start, that time would be
+                        // taken off twice, and a slow attempt's lease would end early).
                         let now = Instant::now();
                         let lease = Lease {
                             name: name.to_owned(),
                             token,
-                            deadline: Mutex::new(attempt_started + validity),
+                            deadline: Mutex::new(now + validity),
                             lost: std::sync::atomic::AtomicBool::new(false),
                             lost_notify: tokio::sync::Notify::new(),
                             acquired_at: now,

@@ -96,7 +96,11 @@ impl LockGuard {
         let lease = Arc::new(lease);
         let config = &shared.config;
         let first_check = if config.watchdog {
-            (lease.acquired_at + config.ttl / 3).min(lease.acquired_at + config.max_hold)
+            // Never after the lease's own deadline (a slow acquisition leaves less than
+            // the TTL): extended before it runs out, not declared lost.
+            (lease.acquired_at + config.ttl / 3)
+                .min(lease.acquired_at + config.max_hold)
+                .min(lease.deadline())
         } else {
             lease.deadline()
         };

@@ -101,11 +101,15 @@ impl MemoryLockBackend {
             locks.held.retain(|_, (_, expires)| *expires > now);
             locks.swept_at = locks.held.len();
         }
+        // Minted while the table is held: a holder whose lease ran out before it minted
+        // could otherwise get a larger token than the next holder's.
+        let token = self.mint();
         locks.held.insert(name.to_owned(), (owner, now + ttl));
         drop(locks);
         Attempt::Acquired {
-            token: self.mint(),
-            validity: ttl,
+            token,
+            // From now, when the caller gets it: the lease was counted from `now`.
+            validity: ttl.saturating_sub(now.elapsed()),
         }
     }
 

@@ -251,14 +251,50 @@ impl RedisLockBackend {
         }
     }
 
-    async fn undo(&self, name: &str, owner: OwnerToken) {
+    /// Releases what an attempt that is not handed out may hold, on every node. A node that
+    /// does not answer (the attempt's own write may still be queued there) is asked again
+    /// in the background, at growing intervals, until it answers or the lock's TTL has run
+    /// out anyway: a release checks the owner, so a late or repeated one harms nothing.
+    async fn undo(&self, name: &str, owner: OwnerToken, ttl: Duration) {
         let owner = owner.to_hex();
         let calls: FuturesUnordered<_> = self
             .nodes
             .iter()
-            .map(|node| release_on(node, name, &owner))
+            .enumerate()
+            .map(|(i, node)| {
+                let owner = &owner;
+                async move { (i, release_on(node, name, owner).await.is_ok()) }
+            })
             .collect();
-        let _: Vec<_> = calls.collect().await;
+        let answers: Vec<(usize, bool)> = calls.collect().await;
+        let unanswered: Vec<RedisStore> = answers
+            .into_iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(i, _)| self.nodes[i].store.clone())
+            .collect();
+        if unanswered.is_empty() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let name = name.to_owned();
+        handle.spawn(async move {
+            let deadline = Instant::now() + ttl;
+            let mut pause = Duration::from_millis(50);
+            let mut left = unanswered;
+            while !left.is_empty() && Instant::now() + pause < deadline {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+                let mut still = Vec::new();
+                for store in left {
+                    if release_with(&store, &name, &owner).await.is_err() {
+                        still.push(store);
+                    }
+                }
+                left = still;
+            }
+        });
     }
 }
 
@@ -283,22 +319,28 @@ fn channel_of(mut lock_key: String) -> String {
 /// The lock name in a release channel (`{prefix}:lock:{name}:released`).
 fn name_of_channel(channel: &[u8]) -> Option<&str> {
     let channel = std::str::from_utf8(channel).ok()?;
-    let start = channel.find('{')? + 1;
+    // The last `{`: a key prefix may hold braces (a cluster hash tag), lock names never do.
+    let start = channel.rfind('{')? + 1;
     let end = channel.rfind("}:released")?;
     channel.get(start..end)
 }
 
 async fn release_on(node: &Node, name: &str, owner: &str) -> Result<bool, StoreError> {
-    let key = lock_key(&node.store, name);
+    release_with(&node.store, name, owner).await
+}
+
+async fn release_with(store: &RedisStore, name: &str, owner: &str) -> Result<bool, StoreError> {
+    let key = lock_key(store, name);
     let channel = channel_of(key.clone());
-    let script = if node.store.config().is_cluster() {
+    let script = if store.config().is_cluster() {
         &scripts().release_sharded
     } else {
         &scripts().release
     };
-    let released: i64 = node
-        .store
-        .eval(script, &[&key], &[owner.as_bytes(), channel.as_bytes()])
+    // Past an open breaker: a release (or the undo of an attempt whose answer was lost)
+    // must reach Redis as soon as it answers, or the lock stays held for its whole TTL.
+    let released: i64 = store
+        .eval_unguarded(script, &[&key], &[owner.as_bytes(), channel.as_bytes()])
         .await?;
     Ok(released == 1)
 }
@@ -432,14 +474,14 @@ impl LockBackend for RedisLockBackend {
                             validity,
                         }),
                         _ => {
-                            self.undo(name, owner).await;
+                            self.undo(name, owner, ttl).await;
                             Ok(Attempt::Held { expires_in: None })
                         }
                     },
                     NodeAnswer::Held(expires_in) => Ok(Attempt::Held { expires_in }),
                     NodeAnswer::Failed(error) => {
                         // The write may have landed before the error (a timeout).
-                        self.undo(name, owner).await;
+                        self.undo(name, owner, ttl).await;
                         Err(unavailable(error))
                     }
                 };
@@ -498,6 +540,7 @@ impl LockBackend for RedisLockBackend {
                     .iter()
                     .max_by_key(|(_, c, e)| (*c, *e))
                     .expect("a quorum is at least one node");
+                let mut validity = validity;
                 if n > 1 {
                     // Raise the counters of the nodes that minted less, so every later
                     // quorum (it shares a node with this one) mints more than `value`.
@@ -511,7 +554,7 @@ impl LockBackend for RedisLockBackend {
                                 let keys =
                                     [lock_key(&node.store, name), fence_key(&node.store, name)];
                                 let value = value.to_string();
-                                let _: Result<i64, _> = node
+                                let raised: Result<i64, _> = node
                                     .store
                                     .eval(
                                         &scripts().raise,
@@ -519,10 +562,26 @@ impl LockBackend for RedisLockBackend {
                                         &[owner_hex.as_bytes(), value.as_bytes()],
                                     )
                                     .await;
+                                matches!(raised, Ok(1))
                             }
                         })
                         .collect();
-                    let _: Vec<()> = raises.collect().await;
+                    let raised: Vec<bool> = raises.collect().await;
+                    let at_value = granted.iter().filter(|(_, c, _)| *c >= value).count()
+                        + raised.iter().filter(|r| **r).count();
+                    // Only a quorum at `value` makes every later quorum mint more: with
+                    // fewer, a later token could repeat this one or fall below it. Not
+                    // handed out; the caller tries again.
+                    let left = ttl
+                        .checked_sub(started.elapsed() + self.drift(ttl))
+                        .filter(|v| !v.is_zero());
+                    match left {
+                        Some(left) if at_value >= self.quorum => validity = left,
+                        _ => {
+                            self.undo(name, owner, ttl).await;
+                            return Ok(Attempt::Held { expires_in: None });
+                        }
+                    }
                 }
                 return Ok(Attempt::Acquired {
                     token: FencingToken::new(value, epoch),
@@ -530,7 +589,7 @@ impl LockBackend for RedisLockBackend {
                 });
             }
             // Not ours: undo whatever was granted (and whatever may still land).
-            self.undo(name, owner).await;
+            self.undo(name, owner, ttl).await;
             if held == 0 || failures.len() > n - self.quorum {
                 return Err(LockError::NoQuorum {
                     granted: granted.len(),
@@ -922,6 +981,11 @@ mod tests {
             Some("order:42")
         );
         assert_eq!(name_of_channel(b"battlement:lock:order:released"), None);
+        // A prefix that is itself a hash tag.
+        assert_eq!(
+            name_of_channel(b"{app}:lock:{order:42}:released"),
+            Some("order:42")
+        );
         assert_eq!(name_of_channel(b"\xff{x}:released"), None);
     }
 

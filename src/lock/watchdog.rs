@@ -187,8 +187,10 @@ async fn check(shared: Arc<Shared>, watched: Watched) {
         tokio::time::timeout(ttl / 3, shared.backend.extend(&lease.name, owner, ttl)).await;
     let next = match result {
         Ok(Ok(Some(validity))) => {
-            lease.set_deadline(now + validity);
-            now + ttl / 3
+            // The validity counts from the backend's answer, which is now.
+            let answered = Instant::now();
+            lease.set_deadline(answered + validity);
+            (answered + ttl / 3).min(answered + validity)
         }
         Ok(Ok(None)) => {
             if !lease.ticket.released.load(Ordering::Acquire) {
