@@ -614,3 +614,46 @@ async fn variants_are_shared_and_a_purge_reaches_every_variant() {
     assert!(ask(&apps[0], "fr").await && ask(&apps[1], "de").await);
     assert_eq!(origin.0.load(Ordering::SeqCst), 4);
 }
+
+/// A replica that waits for another replica's fill right after a tag purge must not take
+/// the purged entry, still in Redis, for the fill's: it waits on, and fills itself once the
+/// other fill has ended without storing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_never_takes_a_purged_entry_for_the_fill() {
+    let redis = RedisServer::start();
+    let origin = Origin::default();
+    let store =
+        RedisStore::connect(RedisConfig::single(redis.url()).timeout(Duration::from_secs(1)))
+            .await
+            .unwrap();
+    let layer = CacheLayer::builder().redis(store).build();
+    let app = Router::new()
+        .route("/t", get(tagged))
+        .with_state(origin.clone())
+        .layer(layer.clone());
+    get_body(&app, "/t").await;
+    stored(&redis).await;
+    let entry = redis
+        .command(&["KEYS", "battlement:cache:*"])
+        .lines()
+        .find(|k| !k.is_empty() && !k.ends_with(":fill"))
+        .expect("the entry")
+        .to_owned();
+    layer.purge_tag("product-3").await;
+    // Another replica is filling (its claim), and ends without storing 300 ms later.
+    let claim = format!("{entry}:fill");
+    redis.command(&["SET", &claim, "1", "PX", "5000"]);
+    let release = {
+        let addr = redis.addr();
+        let claim = claim.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            support::resp_command(&addr, &["DEL", &claim], Duration::from_secs(1)).unwrap();
+        })
+    };
+    let (status, body, cache) = get_body(&app, "/t").await;
+    release.await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "tagged product"));
+    assert!(!cache.contains("hit"), "served the purged entry: {cache}");
+    assert_eq!(origin.0.load(Ordering::SeqCst), 2);
+}

@@ -91,7 +91,11 @@ impl Shared {
                 } else {
                     text.split(',').map(str::trim).collect()
                 };
-                for tag in parts.into_iter().filter(|t| !t.is_empty()) {
+                // A tag over 256 bytes is not a tag (and would not fit the store's frame).
+                for tag in parts
+                    .into_iter()
+                    .filter(|t| !t.is_empty() && t.len() <= 256)
+                {
                     if out.len() < 64 && !out.iter().any(|t| t == tag) {
                         out.push(tag.to_owned());
                     }
@@ -358,11 +362,14 @@ fn serve_at<B, R: Body>(
         }
     };
     let age = hit.age;
-    let not_modified = policy::not_modified(
-        req.headers(),
-        entry.headers.get(ETAG),
-        entry.headers.get(LAST_MODIFIED),
-    );
+    // Preconditions apply to a 2xx answer only (RFC 9110 §13.2.1): a stored 404 or 301 is
+    // served as it is, never as `304`.
+    let not_modified = entry.status.is_success()
+        && policy::not_modified(
+            req.headers(),
+            entry.headers.get(ETAG),
+            entry.headers.get(LAST_MODIFIED),
+        );
     let mut headers = entry.headers.clone();
     headers.insert(AGE, hit.age_value);
     headers.insert(CACHE_STATUS, hit.status_value);
@@ -488,10 +495,24 @@ where
     }
     let (freshness, vary) = match (decision, vary) {
         (Storable::Yes(freshness), Ok(vary)) => (freshness, vary),
-        _ => {
+        (decision, _) => {
             // A pass marker says "this resource is not cacheable"; a server error says
-            // nothing of the kind, and must not replace a stale entry kept for errors.
-            if method == Method::GET && !response.status().is_server_error() && !keep_stale {
+            // nothing of the kind, and must not replace a stale entry kept for errors. Nor
+            // does an answer shaped by this request rather than by the resource: one to a
+            // request with credentials, a range (`206`) or a condition (`304`), or a
+            // `no-store` request: it would wipe the shared entry others are served.
+            let about_the_request = matches!(
+                decision,
+                Storable::No("credentials" | "request no-store" | "method")
+            ) || matches!(
+                response.status(),
+                StatusCode::PARTIAL_CONTENT | StatusCode::NOT_MODIFIED
+            );
+            if method == Method::GET
+                && !response.status().is_server_error()
+                && !keep_stale
+                && !about_the_request
+            {
                 let _ = shared
                     .store
                     .put(key.clone(), Stored::Pass, shared.pass_for)
@@ -620,7 +641,12 @@ async fn wait_for_remote_fill(
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(pause.min(deadline - tokio::time::Instant::now())).await;
         pause = (pause * 2).min(Duration::from_millis(25));
-        if let Some(found) = fresh(lookup(shared, key, headers).await) {
+        // An entry still there from before a purge of one of its tags is not the fill's.
+        let unpurged = async |stored: Option<Stored>| match stored {
+            Some(Stored::Response(entry)) if shared.purged(&entry).await => None,
+            other => other,
+        };
+        if let Some(found) = fresh(unpurged(lookup(shared, key, headers).await).await) {
             return found;
         }
         match shared.store.claim_fill(key, shared.wait).await {
@@ -628,7 +654,7 @@ async fn wait_for_remote_fill(
             Ok(true) => {
                 // The other fill has ended. What it stored just before its claim went
                 // away is read once more; otherwise this request fills.
-                if let Some(found) = fresh(lookup(shared, key, headers).await) {
+                if let Some(found) = fresh(unpurged(lookup(shared, key, headers).await).await) {
                     let _ = shared.store.release_fill(key).await;
                     return found;
                 }

@@ -691,3 +691,93 @@ async fn a_purge_reaches_every_variant_of_the_uri() {
     }
     assert_eq!(origin.calls(), 4);
 }
+
+async fn shared_max_age(State(o): State<Origin>, headers: HeaderMap) -> axum::response::Response {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    if headers.contains_key("range") {
+        return (
+            StatusCode::PARTIAL_CONTENT,
+            [
+                ("cache-control", "max-age=60"),
+                ("content-range", "bytes 0-1/9"),
+            ],
+            "a ",
+        )
+            .into_response();
+    }
+    ([("cache-control", "max-age=60")], "a product").into_response()
+}
+
+/// What a request with credentials, or a range, gets from the origin says nothing about the
+/// resource: it must not replace the shared entry with a pass marker (every anonymous
+/// request would then go to the origin).
+#[tokio::test]
+async fn credentialed_and_range_requests_leave_the_shared_entry_alone() {
+    let origin = Origin::default();
+    let app = Router::new()
+        .route("/shared", get(shared_max_age))
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().build());
+    send(&app, get_req("/shared")).await;
+    let hit = send(&app, get_req("/shared")).await;
+    assert!(
+        hit.headers["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("hit")
+    );
+    assert_eq!(origin.calls(), 1);
+    for (name, value) in [
+        ("cookie", "analytics=1"),
+        ("authorization", "Bearer t"),
+        ("range", "bytes=0-1"),
+    ] {
+        let req = Request::get("/shared")
+            .header(name, value)
+            .body(Body::empty())
+            .unwrap();
+        send(&app, req).await;
+        let a = send(&app, get_req("/shared")).await;
+        let status = a.headers["cache-status"].to_str().unwrap().to_owned();
+        assert!(
+            status.contains("hit"),
+            "after a request with {name}: {status}"
+        );
+        assert_eq!(a.body, "a product");
+    }
+}
+
+async fn gone(State(o): State<Origin>) -> impl IntoResponse {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    (
+        StatusCode::NOT_FOUND,
+        [("cache-control", "max-age=60"), ("etag", "\"g1\"")],
+        "no such product",
+    )
+}
+
+/// Preconditions apply to 2xx answers only (RFC 9110 §13.2.1): a cached 404 is served as
+/// a 404 to `If-None-Match: *` or to its own ETag, never as `304`.
+#[tokio::test]
+async fn a_cached_error_is_never_304() {
+    let origin = Origin::default();
+    let app = Router::new()
+        .route("/gone", get(gone))
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().build());
+    send(&app, get_req("/gone")).await;
+    for condition in ["*", "\"g1\""] {
+        let req = Request::get("/gone")
+            .header("if-none-match", condition)
+            .body(Body::empty())
+            .unwrap();
+        let a = send(&app, req).await;
+        assert_eq!(
+            a.status,
+            StatusCode::NOT_FOUND,
+            "If-None-Match: {condition}"
+        );
+        assert!(a.headers["cache-status"].to_str().unwrap().contains("hit"));
+    }
+    assert_eq!(origin.calls(), 1);
+}
