@@ -28,6 +28,8 @@
 //!
 //! - Purges: [`CacheLayer::purge`] by URL, [`CacheLayer::purge_tag`] by the tags a response
 //!   named in `Surrogate-Key` or `Cache-Tag` (removed before the response leaves), in O(1).
+//!   A successful `POST`, `PUT`, `PATCH` or `DELETE` through the layer purges its own URL
+//!   (RFC 9111 §4.4).
 //!
 //! The store is in memory, bounded in bytes; with the `redis` feature, in Redis
 //! ([`CacheBuilder::redis`]) or tiered, memory in front of Redis ([`CacheBuilder::tiered`]),

@@ -579,6 +579,24 @@ fn revalidate_in_background<S, ReqBody, ResBody>(
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
+    // The refresh asks for the whole representation, unconditionally: a `304` or a `206`
+    // answered to this client's conditions or range would store nothing, and the entry
+    // would stay stale, each stale hit starting another futile refresh.
+    for name in [
+        http::header::IF_NONE_MATCH,
+        http::header::IF_MODIFIED_SINCE,
+        http::header::IF_MATCH,
+        http::header::IF_UNMODIFIED_SINCE,
+        http::header::IF_RANGE,
+        http::header::RANGE,
+    ] {
+        copy.headers_mut().remove(name);
+    }
+    // What the layers outside put in the extensions (the principal, the peer address) is
+    // the handler's to read, in the refresh too; not the client request's annotation,
+    // which records what the client got.
+    *copy.extensions_mut() = req.extensions().clone();
+    copy.extensions_mut().remove::<Annotation>();
     let shared = shared.clone();
     let mut inner = inner.clone();
     let key = key.clone();
@@ -817,7 +835,33 @@ where
             };
             let Some(key) = key else {
                 note(&req, CacheStatus::Bypass, None);
+                // An unsafe method that succeeds changes its target: what is stored for the
+                // URI is forgotten (RFC 9111 §4.4), here and, through a shared store, in
+                // every replica.
+                let invalidates = matches!(
+                    *req.method(),
+                    Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+                )
+                .then(|| {
+                    primary(
+                        &shared.rules,
+                        &Method::GET,
+                        req.uri(),
+                        req.headers(),
+                        principal.as_deref(),
+                    )
+                })
+                .flatten();
                 let response = inner.call(req).await?;
+                if let Some(target) = invalidates
+                    && (response.status().is_success() || response.status().is_redirection())
+                {
+                    let _ = tokio::time::timeout(
+                        shared.store_timeout * 2,
+                        shared.store.remove(&target),
+                    )
+                    .await;
+                }
                 let fwd = verdict.fwd().unwrap_or("bypass");
                 return Ok(forwarded(&shared, response, fwd, None));
             };

@@ -781,3 +781,98 @@ async fn a_cached_error_is_never_304() {
     }
     assert_eq!(origin.calls(), 1);
 }
+
+/// A successful unsafe method invalidates what is stored for its URI (RFC 9111 §4.4); a
+/// failed one does not.
+#[tokio::test]
+async fn a_successful_write_invalidates_its_uri() {
+    let origin = Origin::default();
+    let app = Router::new()
+        .route(
+            "/product",
+            get(product)
+                .put(|| async { StatusCode::NO_CONTENT })
+                .delete(|| async { StatusCode::INTERNAL_SERVER_ERROR }),
+        )
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().build());
+    send(&app, get_req("/product")).await;
+    send(&app, get_req("/product")).await;
+    assert_eq!(origin.calls(), 1);
+    let failed = Request::delete("/product").body(Body::empty()).unwrap();
+    assert_eq!(
+        send(&app, failed).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    send(&app, get_req("/product")).await;
+    assert_eq!(origin.calls(), 1, "a failed write changes nothing");
+    let put = Request::put("/product").body(Body::empty()).unwrap();
+    assert_eq!(send(&app, put).await.status, StatusCode::NO_CONTENT);
+    let a = send(&app, get_req("/product")).await;
+    assert!(
+        a.headers["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("fwd=uri-miss")
+    );
+    assert_eq!(origin.calls(), 2);
+}
+
+#[derive(Clone)]
+struct Caller(&'static str);
+
+async fn revalidating(
+    State(o): State<Versioned>,
+    headers: HeaderMap,
+    caller: Option<axum::Extension<Caller>>,
+) -> axum::response::Response {
+    // Like a real origin: a matching condition is answered 304.
+    if headers.contains_key("if-none-match") {
+        return StatusCode::NOT_MODIFIED.into_response();
+    }
+    let n = o.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let who = caller.map_or("nobody", |c| c.0.0);
+    (
+        [(
+            "cache-control",
+            "public, max-age=10, stale-while-revalidate=60",
+        )],
+        format!("v{n} for {who}"),
+    )
+        .into_response()
+}
+
+/// The background refresh of a stale entry asks for the whole representation (not the
+/// client's condition, which a real origin answers `304`, storing nothing), and the handler
+/// sees the request's extensions in it.
+#[tokio::test]
+async fn a_background_refresh_is_unconditional_and_keeps_the_extensions() {
+    let origin = Versioned::default();
+    let clock = TestClock::default();
+    let c = clock.clone();
+    let app = Router::new()
+        .route("/r", get(revalidating))
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().clock(move || c.now()).build());
+    let req = |condition: bool| {
+        let mut b = Request::get("/r");
+        if condition {
+            b = b.header("if-none-match", "\"old\"");
+        }
+        let mut req = b.body(Body::empty()).unwrap();
+        req.extensions_mut().insert(Caller("alice"));
+        req
+    };
+    assert_eq!(send(&app, req(false)).await.body, "v1 for alice");
+    clock.advance(20);
+    let stale = send(&app, req(true)).await;
+    assert!(
+        stale.headers["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("fwd=stale")
+    );
+    settle().await;
+    let a = send(&app, req(false)).await;
+    assert_eq!(a.body, "v2 for alice", "refreshed, with the extension");
+}
