@@ -1095,3 +1095,90 @@ async fn a_slow_acquisition_is_extended_not_lost() {
     assert_eq!(server.command(&["EXISTS", "battlement:lock:{slow}"]), "1");
     guard.release().await.unwrap();
 }
+
+/// A Redlock release that only one node confirms, the others being down or slow, is not
+/// "lost" (no node said the lock was not ours): the caller is told the backend was
+/// unavailable.
+#[tokio::test]
+async fn a_redlock_release_cut_short_by_outages_is_unavailable_not_lost() {
+    let mut servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start()).collect();
+    let mut stores = Vec::new();
+    for s in &servers {
+        stores.push(store(s).await);
+    }
+    let locks = LockManager::redlock(stores).unwrap();
+    let guard = locks.acquire("r", Duration::from_secs(1)).await.unwrap();
+    servers[1].stop();
+    servers[2].pause_writes(Duration::from_millis(600));
+    let released = guard.release().await;
+    assert!(
+        matches!(released, Err(LockError::Unavailable(_))),
+        "{released:?}"
+    );
+}
+
+/// A backend whose first release never answers (a connection being re-established).
+struct FirstReleaseHangs {
+    inner: Arc<MemoryLockBackend>,
+    hung: std::sync::atomic::AtomicBool,
+}
+
+impl battlement::lock::LockBackend for FirstReleaseHangs {
+    fn acquire<'a>(
+        &'a self,
+        name: &'a str,
+        owner: battlement::lock::OwnerToken,
+        ttl: Duration,
+    ) -> battlement::lock::BoxFuture<'a, Result<battlement::lock::Attempt, LockError>> {
+        self.inner.acquire(name, owner, ttl)
+    }
+
+    fn extend<'a>(
+        &'a self,
+        name: &'a str,
+        owner: battlement::lock::OwnerToken,
+        ttl: Duration,
+    ) -> battlement::lock::BoxFuture<'a, Result<Option<Duration>, LockError>> {
+        self.inner.extend(name, owner, ttl)
+    }
+
+    fn release<'a>(
+        &'a self,
+        name: &'a str,
+        owner: battlement::lock::OwnerToken,
+    ) -> battlement::lock::BoxFuture<'a, Result<bool, LockError>> {
+        if !self.hung.swap(true, Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
+        self.inner.release(name, owner)
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> battlement::lock::BoxFuture<'a, Option<battlement::lock::Subscription>> {
+        self.inner.subscribe(name)
+    }
+}
+
+/// A release cancelled before the backend answered (its caller timed out) still releases:
+/// the guard's drop does it in the background, rather than leave the lock to its TTL.
+#[tokio::test]
+async fn a_cancelled_release_still_releases() {
+    let memory = Arc::new(MemoryLockBackend::new());
+    let locks = LockManager::builder().backend(FirstReleaseHangs {
+        inner: memory.clone(),
+        hung: std::sync::atomic::AtomicBool::new(false),
+    });
+    let guard = locks.acquire("c", Duration::from_secs(1)).await.unwrap();
+    let cut = tokio::time::timeout(Duration::from_millis(50), guard.release()).await;
+    assert!(cut.is_err(), "the first release hangs");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while memory.held() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "still held after a cancelled release"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -123,14 +123,17 @@ impl LockGuard {
     /// lease had run out and maybe been taken): whatever was done under it was not
     /// protected by the lock, only by the fencing token.
     pub async fn release(mut self) -> Result<(), LockError> {
-        self.released = true;
         self.shared.watchdog.unwatch(&self.held.lease.ticket);
-        // Bounded by the backend (the Redis backends by the store's per-call timeout).
+        // Bounded by the backend (the Redis backends by the store's per-call timeout). A
+        // release cancelled half-way (its caller dropped) leaves `released` unset, so the
+        // guard's drop releases in the background.
         let released = self
             .shared
             .backend
             .release(&self.held.lease.name, self.owner)
-            .await?;
+            .await;
+        self.released = true;
+        let released = released?;
         if released && !self.held.lease.is_lost() {
             Ok(())
         } else {

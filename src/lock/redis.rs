@@ -675,12 +675,14 @@ impl LockBackend for RedisLockBackend {
             if released >= self.quorum {
                 return Ok(true);
             }
-            let answered = answers.iter().filter(|a| a.is_ok()).count();
-            if answered == 0 {
-                let error = answers.into_iter().find_map(Result::err);
-                return Err(error.map_or(LockError::Lost, unavailable));
+            // Lost only when enough nodes said the lock was not ours that no quorum can have
+            // held it; nodes that did not answer say nothing of the kind.
+            let not_ours = answers.iter().filter(|a| matches!(a, Ok(false))).count();
+            if not_ours > self.nodes.len() - self.quorum {
+                return Ok(false);
             }
-            Ok(false)
+            let error = answers.into_iter().find_map(Result::err);
+            Err(error.map_or(LockError::Lost, unavailable))
         })
     }
 
