@@ -61,7 +61,13 @@ fn store(capture: Box<Capture>, trailers: Option<HeaderMap>) {
         buf,
         fill,
     } = *capture;
-    let body = buf.freeze();
+    // The buffer grew by doubling: kept as it is, an entry could hold up to twice the bytes
+    // the store weighs it at. A buffer with much room to spare is copied to its length.
+    let body = if buf.capacity() > buf.len() + buf.len() / 8 {
+        Bytes::copy_from_slice(&buf)
+    } else {
+        buf.freeze()
+    };
     // The length of what is stored, which a hit then carries as it is (also for `HEAD`),
     // instead of the server adding a header to, and so growing, the copied map on every
     // hit. Not with trailers (gRPC), which frame their own length.

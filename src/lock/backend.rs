@@ -190,9 +190,14 @@ impl<T: LockBackend + ?Sized> LockBackend for Arc<T> {
 /// one at a time in the order they started waiting.
 #[derive(Default)]
 pub struct WaitList {
-    names: Mutex<HashMap<String, (Arc<Notify>, usize)>>,
+    /// Per name: the waiters' `Notify`, how many wait, and whether nothing listens for the
+    /// name remotely (its subscription failed or was lost): the next waiter subscribes.
+    names: Mutex<HashMap<String, Waiting>>,
     on_empty: Option<Box<OnEmpty>>,
 }
+
+/// One name's waiters: their `Notify`, how many, and whether the name is unlistened.
+type Waiting = (Arc<Notify>, usize, bool);
 
 type OnEmpty = dyn Fn(&str) + Send + Sync;
 
@@ -218,22 +223,23 @@ impl WaitList {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<Notify>, usize)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiting>> {
         self.names.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers a waiter for `name`. The second value is true when it is the first one
-    /// (a backend that subscribes remotely does so then).
+    /// Registers a waiter for `name`. The second value is true when it is the first one,
+    /// or the first since the name was marked [`unlistened`](Self::unlistened) (a backend
+    /// that subscribes remotely does so then).
     pub fn register(self: &Arc<Self>, name: &str) -> (Subscription, bool) {
         let mut names = self.lock();
         let (notify, first) = match names.get_mut(name) {
-            Some((notify, count)) => {
+            Some((notify, count, unlistened)) => {
                 *count += 1;
-                (notify.clone(), false)
+                (notify.clone(), std::mem::take(unlistened))
             }
             None => {
                 let notify = Arc::new(Notify::new());
-                names.insert(name.to_owned(), (notify.clone(), 1));
+                names.insert(name.to_owned(), (notify.clone(), 1, false));
                 (notify, true)
             }
         };
@@ -249,8 +255,17 @@ impl WaitList {
 
     /// Wakes the longest-waiting waiter for `name`, if any.
     pub fn wake(&self, name: &str) {
-        if let Some((notify, _)) = self.lock().get(name) {
+        if let Some((notify, _, _)) = self.lock().get(name) {
             notify.notify_one();
+        }
+    }
+
+    /// Nothing listens for `name` remotely any more (the subscription failed, or its
+    /// connection was lost and not restored): the next waiter to register subscribes
+    /// again, rather than count on a subscription that is not there.
+    pub fn unlistened(&self, name: &str) {
+        if let Some((_, _, unlistened)) = self.lock().get_mut(name) {
+            *unlistened = true;
         }
     }
 
@@ -267,7 +282,7 @@ impl WaitList {
     /// Drops one registration; true when it was the last for `name`.
     fn unregister(&self, name: &str) -> bool {
         let mut names = self.lock();
-        if let Some((_, count)) = names.get_mut(name) {
+        if let Some((_, count, _)) = names.get_mut(name) {
             *count -= 1;
             if *count == 0 {
                 names.remove(name);
@@ -314,6 +329,26 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_left_unlistened_is_subscribed_again_by_its_next_waiter() {
+        let list = Arc::new(WaitList::new());
+        let (a, first) = list.register("n");
+        assert!(first);
+        let (_b, first) = list.register("n");
+        assert!(!first, "a subscription is under way");
+        // The first waiter's subscribe failed (or the connection was lost).
+        list.unlistened("n");
+        drop(a);
+        let (_c, first) = list.register("n");
+        assert!(first, "the next waiter subscribes again");
+        let (_d, first) = list.register("n");
+        assert!(!first);
+        // Nothing is marked for a name nobody waits on.
+        list.unlistened("other");
+        let (_e, first) = list.register("other");
+        assert!(first);
+    }
 
     #[test]
     fn owner_tokens_differ_and_hide_in_debug() {

@@ -702,7 +702,13 @@ impl LockBackend for RedisLockBackend {
                 })
                 .collect();
             let listening: Vec<bool> = calls.collect().await;
-            listening.contains(&true).then_some(subscription)
+            if !listening.contains(&true) {
+                // The waiters that registered meanwhile count on a subscription that is not
+                // there: the next one tries again.
+                self.waiters.unlistened(name);
+                return None;
+            }
+            Some(subscription)
         })
     }
 }
@@ -888,21 +894,34 @@ impl Notifier {
         }
         *sink = None;
         let names = list.names();
-        if names.is_empty() || self.failed_recently() {
+        if names.is_empty() {
+            return;
+        }
+        // Whatever fails below leaves these names unlistened: their next waiter subscribes
+        // again (on a new connection).
+        let lost = |list: &WaitList| {
+            for name in &names {
+                list.unlistened(name);
+            }
+        };
+        if self.failed_recently() {
+            lost(list);
             return;
         }
         let Ok(Some((n, mut connected))) =
             tokio::time::timeout(Duration::from_millis(500), self.connect(waiters)).await
         else {
             self.failed_now();
+            lost(list);
             return;
         };
-        for name in names {
-            let channel = channel(&self.store, &name);
+        for name in &names {
+            let channel = channel(&self.store, name);
             let subscribed =
                 tokio::time::timeout(Duration::from_millis(500), connected.subscribe(&channel))
                     .await;
             if !matches!(subscribed, Ok(Ok(()))) {
+                lost(list);
                 return;
             }
         }
