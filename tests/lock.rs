@@ -1182,3 +1182,43 @@ async fn a_cancelled_release_still_releases() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A pub/sub connection given up after a failed subscribe (Redis stalled past the
+/// subscribe's 500 ms) is closed, not left open and subscribed with its listener.
+#[tokio::test]
+async fn a_pubsub_connection_given_up_is_closed() {
+    let server = RedisServer::start();
+    let holder = LockManager::redis(store(&server).await);
+    let waiter = slow_poll().redis(store(&server).await);
+    let _z = holder.acquire("z", Duration::from_secs(5)).await.unwrap();
+    let _y = holder.acquire("y", Duration::from_secs(5)).await.unwrap();
+    let w1 = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire("z", Duration::from_secs(4)).await })
+    };
+    let pubsub_clients = || {
+        server
+            .command(&["CLIENT", "LIST", "TYPE", "pubsub"])
+            .lines()
+            .filter(|l| l.contains("id="))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while pubsub_clients() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the first waiter never subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Redis stalls: the second name's subscribe times out, and so does a new connection.
+    server.pause(Duration::from_millis(1200));
+    let w2 = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.acquire("y", Duration::from_millis(1500)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert!(w2.await.unwrap().is_err(), "y is held");
+    assert_eq!(pubsub_clients(), 0, "a connection given up is still open");
+    w1.abort();
+}

@@ -713,6 +713,23 @@ impl LockBackend for RedisLockBackend {
     }
 }
 
+/// A numbered pub/sub connection: the sink that subscribes, and the task that listens.
+/// Dropped (replaced after a failure), it stops its listener, which closes the connection:
+/// an abandoned connection would otherwise live on, subscribed, with its task.
+struct Link {
+    number: u64,
+    sink: PubSubSink,
+    listener: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Some(listener) = self.listener.take() {
+            listener.abort();
+        }
+    }
+}
+
 /// One pub/sub connection to one node, shared by every waiter of the process.
 struct Notifier {
     url: String,
@@ -720,7 +737,7 @@ struct Notifier {
     store: RedisStore,
     /// The connection (numbered, so a listener whose connection has been replaced leaves
     /// the new one alone).
-    sink: tokio::sync::Mutex<Option<(u64, PubSubSink)>>,
+    sink: tokio::sync::Mutex<Option<Link>>,
     /// On a cluster: one RESP3 cluster connection for shard channels. redis-rs moves its
     /// subscriptions with their slots and restores them after a reconnect.
     sharded: tokio::sync::Mutex<Option<ClusterConnection>>,
@@ -763,10 +780,10 @@ impl Notifier {
                     }
                 }
             }
-            let Some((_, connected)) = sink.as_mut() else {
+            let Some(link) = sink.as_mut() else {
                 return false;
             };
-            match tokio::time::timeout(Duration::from_millis(500), connected.subscribe(channel))
+            match tokio::time::timeout(Duration::from_millis(500), link.sink.subscribe(channel))
                 .await
             {
                 Ok(Ok(())) => return true,
@@ -781,10 +798,10 @@ impl Notifier {
     /// then waiters poll, and a new try comes at most once a second).
     async fn subscribe_sharded(&self, channel: &str, waiters: Weak<WaitList>) -> bool {
         let mut sharded = self.sharded.lock().await;
-        if self.failed_recently() {
-            return false;
-        }
         if sharded.is_none() {
+            if self.failed_recently() {
+                return false;
+            }
             let limit = self.store.config().connect_limit();
             match tokio::time::timeout(limit * 3, self.connect_sharded(waiters)).await {
                 Ok(Some(connected)) => *sharded = Some(connected),
@@ -797,14 +814,12 @@ impl Notifier {
         let Some(connected) = sharded.as_mut() else {
             return false;
         };
-        match tokio::time::timeout(Duration::from_millis(500), connected.ssubscribe(channel)).await
-        {
-            Ok(Ok(())) => true,
-            _ => {
-                self.failed_now();
-                false
-            }
-        }
+        // A failed subscribe fails this name's waiters only (they poll; the next waiter
+        // tries again): the connection serves the other names on.
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), connected.ssubscribe(channel)).await,
+            Ok(Ok(()))
+        )
     }
 
     /// Opens the cluster connection for shard channels. Its pushes are handled as they
@@ -849,9 +864,9 @@ impl Notifier {
         if waited() {
             return;
         }
-        if let Some((_, connected)) = sink.as_mut()
+        if let Some(link) = sink.as_mut()
             && !matches!(
-                tokio::time::timeout(Duration::from_millis(500), connected.unsubscribe(channel))
+                tokio::time::timeout(Duration::from_millis(500), link.sink.unsubscribe(channel))
                     .await,
                 Ok(Ok(()))
             )
@@ -875,13 +890,17 @@ impl Notifier {
     }
 
     /// Opens a pub/sub connection and starts the task that wakes waiters on its messages.
-    async fn connect(&self, waiters: Weak<WaitList>) -> Option<(u64, PubSubSink)> {
+    async fn connect(&self, waiters: Weak<WaitList>) -> Option<Link> {
         let client = redis::Client::open(self.url.as_str()).ok()?;
         let pubsub = client.get_async_pubsub().await.ok()?;
         let (sink, stream) = pubsub.split();
         let number = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
-        tokio::spawn(listen(stream, waiters, self.me.clone(), number));
-        Some((number, sink))
+        let listener = tokio::spawn(listen(stream, waiters, self.me.clone(), number));
+        Some(Link {
+            number,
+            sink,
+            listener: Some(listener.abort_handle()),
+        })
     }
 
     /// Connection `number` is gone: unless a newer one already serves, open another and
@@ -889,10 +908,13 @@ impl Notifier {
     /// releases rather than by their polls.
     async fn resubscribe(&self, number: u64, list: &WaitList, waiters: Weak<WaitList>) {
         let mut sink = self.sink.lock().await;
-        if sink.as_ref().is_some_and(|(n, _)| *n != number) {
+        if sink.as_ref().is_some_and(|link| link.number != number) {
             return;
         }
-        *sink = None;
+        if let Some(mut old) = sink.take() {
+            // Its listener is the caller, on its way out: not to be aborted mid-way.
+            old.listener = None;
+        }
         let names = list.names();
         if names.is_empty() {
             return;
@@ -908,7 +930,7 @@ impl Notifier {
             lost(list);
             return;
         }
-        let Ok(Some((n, mut connected))) =
+        let Ok(Some(mut connected)) =
             tokio::time::timeout(Duration::from_millis(500), self.connect(waiters)).await
         else {
             self.failed_now();
@@ -917,15 +939,17 @@ impl Notifier {
         };
         for name in &names {
             let channel = channel(&self.store, name);
-            let subscribed =
-                tokio::time::timeout(Duration::from_millis(500), connected.subscribe(&channel))
-                    .await;
+            let subscribed = tokio::time::timeout(
+                Duration::from_millis(500),
+                connected.sink.subscribe(&channel),
+            )
+            .await;
             if !matches!(subscribed, Ok(Ok(()))) {
                 lost(list);
                 return;
             }
         }
-        *sink = Some((n, connected));
+        *sink = Some(connected);
     }
 }
 
