@@ -915,6 +915,20 @@ where
                         }
                         _ => {}
                     }
+                    if request_cc.only_if_cached {
+                        // Nothing usable stored, and the client wants nothing else
+                        // (RFC 9111 §5.2.1.7).
+                        note(&req, CacheStatus::Miss, None);
+                        let rejection = crate::reject::Rejection::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "Gateway Timeout",
+                        )
+                        .with_detail(
+                            "Not in the cache, and the request asked for a stored answer only.",
+                        );
+                        let response = rejection.render(&crate::key::RequestHead::of(&req));
+                        return Ok(response.map(ResponseBody::full));
+                    }
                     if collapsed || fallback.is_some() {
                         // Woken and still nothing usable, or a stale entry to fall back on:
                         // go to the origin ourselves.

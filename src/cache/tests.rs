@@ -876,3 +876,24 @@ async fn a_background_refresh_is_unconditional_and_keeps_the_extensions() {
     let a = send(&app, req(false)).await;
     assert_eq!(a.body, "v2 for alice", "refreshed, with the extension");
 }
+
+/// `Cache-Control: only-if-cached`: a stored answer, or `504` without asking the origin
+/// (RFC 9111 §5.2.1.7).
+#[tokio::test]
+async fn only_if_cached_is_a_hit_or_504() {
+    let origin = Origin::default();
+    let app = app(&origin);
+    let only = || {
+        Request::get("/product")
+            .header("cache-control", "only-if-cached")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let a = send(&app, only()).await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT, "{}", a.body);
+    assert_eq!(origin.calls(), 0);
+    send(&app, get_req("/product")).await;
+    let a = send(&app, only()).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(origin.calls(), 1);
+}
