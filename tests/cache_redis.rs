@@ -657,3 +657,42 @@ async fn a_waiter_never_takes_a_purged_entry_for_the_fill() {
     assert!(!cache.contains("hit"), "served the purged entry: {cache}");
     assert_eq!(origin.0.load(Ordering::SeqCst), 2);
 }
+
+/// A fill removes only its own claim: when its claim lapsed and another replica claimed
+/// the key meanwhile (here the claim is overwritten while the origin answers), the first
+/// fill ending leaves the other replica's claim alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_releases_only_its_own_claim() {
+    let redis = RedisServer::start();
+    let origin = Origin::default();
+    let store =
+        RedisStore::connect(RedisConfig::single(redis.url()).timeout(Duration::from_secs(1)))
+            .await
+            .unwrap();
+    let app = Router::new()
+        .route("/slow", get(slow_product))
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().redis(store).build());
+    let request = {
+        let app = app.clone();
+        tokio::spawn(async move { get_body(&app, "/slow").await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let claim = loop {
+        if let Some(k) = redis
+            .command(&["KEYS", "battlement:cache:*"])
+            .lines()
+            .find(|k| k.ends_with(":fill"))
+        {
+            break k.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no fill claim");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    redis.command(&["SET", &claim, "another-replica", "PX", "10000"]);
+    let (status, _, _) = request.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    stored(&redis).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(redis.command(&["GET", &claim]), "another-replica");
+}

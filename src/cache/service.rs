@@ -212,6 +212,9 @@ pub(crate) struct FillGuard {
     done: watch::Sender<Delivered>,
     /// The fill was also claimed in a shared store (other replicas wait for it).
     claimed_in_store: bool,
+    /// What this fill's claim holds in a shared store: its release removes the claim only
+    /// if it is still this one (a claim that lapsed may have been taken by another replica).
+    token: u64,
 }
 
 /// The entry a fill stored, handed to the requests of this process waiting for it, so that
@@ -238,8 +241,9 @@ impl Drop for FillGuard {
         {
             let store = self.shared.store.clone();
             let key = self.key.clone();
+            let token = self.token;
             handle.spawn(async move {
-                let _ = store.release_fill(&key).await;
+                let _ = store.release_fill(&key, token).await;
             });
         }
     }
@@ -262,6 +266,7 @@ fn claim(shared: &Arc<Shared>, key: &Key) -> Role {
         key: key.clone(),
         done: tx,
         claimed_in_store: false,
+        token: new_generation(),
     })
 }
 
@@ -639,6 +644,7 @@ async fn wait_for_remote_fill(
     key: &Key,
     headers: &HeaderMap,
     request_cc: &CacheControl,
+    token: u64,
 ) -> RemoteFill {
     let fresh = |stored: Option<Stored>| match stored {
         Some(Stored::Response(entry))
@@ -667,13 +673,13 @@ async fn wait_for_remote_fill(
         if let Some(found) = fresh(unpurged(lookup(shared, key, headers).await).await) {
             return found;
         }
-        match shared.store.claim_fill(key, shared.wait).await {
+        match shared.store.claim_fill(key, shared.wait, token).await {
             Ok(false) => {}
             Ok(true) => {
                 // The other fill has ended. What it stored just before its claim went
                 // away is read once more; otherwise this request fills.
                 if let Some(found) = fresh(unpurged(lookup(shared, key, headers).await).await) {
-                    let _ = shared.store.release_fill(key).await;
+                    let _ = shared.store.release_fill(key, token).await;
                     return found;
                 }
                 return RemoteFill::Claimed;
@@ -937,7 +943,11 @@ where
                     match claim(&shared, &key) {
                         Role::Leader(mut guard) => {
                             if shared.store.shared() {
-                                match shared.store.claim_fill(&key, shared.wait).await {
+                                match shared
+                                    .store
+                                    .claim_fill(&key, shared.wait, guard.token)
+                                    .await
+                                {
                                     Ok(true) => guard.claimed_in_store = true,
                                     Ok(false) => {
                                         // Another replica is filling: wait for its entry.
@@ -947,6 +957,7 @@ where
                                             &key,
                                             &headers,
                                             &request_cc,
+                                            guard.token,
                                         )
                                         .await
                                         {

@@ -161,12 +161,17 @@ pub(crate) trait Store: Send + Sync + 'static {
         &'a self,
         _key: &'a [u8],
         _ttl: Duration,
+        _token: u64,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(std::future::ready(Ok(true)))
     }
 
-    /// Gives up a claim made with [`Store::claim_fill`].
-    fn release_fill<'a>(&'a self, _key: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>> {
+    /// Gives up the claim made with [`Store::claim_fill`] and `token`, if it still holds.
+    fn release_fill<'a>(
+        &'a self,
+        _key: &'a [u8],
+        _token: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(std::future::ready(Ok(())))
     }
 

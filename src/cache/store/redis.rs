@@ -28,6 +28,16 @@ use crate::redis::RedisStore as Redis;
 
 const MAGIC: &[u8; 3] = b"BC1";
 
+/// Deletes a fill claim if it still holds the caller's token. KEYS: claim. ARGV: token.
+fn release_script() -> &'static crate::redis::Script {
+    static SCRIPT: std::sync::OnceLock<crate::redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        crate::redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+        )
+    })
+}
+
 /// Cache entries in Redis, shared by every replica.
 pub(crate) struct RedisCacheStore {
     redis: Redis,
@@ -249,6 +259,7 @@ impl Store for RedisCacheStore {
         &'a self,
         key: &'a [u8],
         ttl: Duration,
+        token: u64,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let lock = format!("{}:fill", self.redis_key(key));
@@ -258,7 +269,7 @@ impl Store for RedisCacheStore {
                 .call(|mut conn| async move {
                     redis::cmd("SET")
                         .arg(&lock)
-                        .arg(1)
+                        .arg(token)
                         .arg("NX")
                         .arg("PX")
                         .arg(ms)
@@ -271,17 +282,19 @@ impl Store for RedisCacheStore {
         })
     }
 
-    fn release_fill<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn release_fill<'a>(
+        &'a self,
+        key: &'a [u8],
+        token: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let lock = format!("{}:fill", self.redis_key(key));
+            let token = token.to_string();
+            // Only this fill's claim: one that lapsed may be another replica's now.
             self.redis
-                .call(|mut conn| async move {
-                    redis::cmd("DEL")
-                        .arg(&lock)
-                        .query_async::<()>(&mut conn)
-                        .await
-                })
+                .eval::<i64>(release_script(), &[&lock], &[token.as_bytes()])
                 .await
+                .map(|_| ())
                 .map_err(failed)
         })
     }

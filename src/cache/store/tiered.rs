@@ -200,12 +200,17 @@ impl Store for TieredStore {
         &'a self,
         key: &'a [u8],
         ttl: Duration,
+        token: u64,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.redis.claim_fill(key, ttl)
+        self.redis.claim_fill(key, ttl, token)
     }
 
-    fn release_fill<'a>(&'a self, key: &'a [u8]) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.redis.release_fill(key)
+    fn release_fill<'a>(
+        &'a self,
+        key: &'a [u8],
+        token: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.redis.release_fill(key, token)
     }
 
     fn shared(&self) -> bool {
