@@ -195,11 +195,22 @@ impl Shared {
     pub(crate) async fn purge_tag(&self, tag: &str) {
         let global = self.store.purge_tag(tag).await;
         let mut versions = self.tag_versions.lock().unwrap_or_else(|e| e.into_inner());
-        let current = versions.entry(tag.to_owned()).or_insert(0);
         match global {
-            Ok(Some(version)) => *current = (*current).max(version),
-            // A store that cannot be told still gets this replica's purge.
-            _ => *current += 1,
+            Ok(Some(version)) => {
+                let current = versions.entry(tag.to_owned()).or_insert(0);
+                *current = (*current).max(version);
+            }
+            // A store private to this process: the purge is this process's.
+            Ok(None) => *versions.entry(tag.to_owned()).or_insert(0) += 1,
+            // A shared store that could not be told: the purge did not happen. Running a
+            // version of our own ahead of the store's would later match the store's next
+            // real version and bring purged entries back; the tag's version is forgotten
+            // instead, so this process reads it again (and, until it can, serves none of
+            // the tag's entries).
+            Err(error) => {
+                tracing::warn!(%error, tag, "battlement::cache: a tag purge could not reach the shared store");
+                versions.remove(tag);
+            }
         }
     }
 }
