@@ -42,6 +42,29 @@ async fn replica(redis: &RedisServer, origin: &Origin) -> Router {
         .layer(CacheLayer::builder().redis(store).build())
 }
 
+/// A store with a generous timeout: these tests are about coordination, and on a loaded
+/// machine a call slower than the default 50 ms would (by design) let a replica go on
+/// without the store.
+async fn patient_store(redis: &RedisServer) -> RedisStore {
+    RedisStore::connect(RedisConfig::single(redis.url()).timeout(Duration::from_secs(1)))
+        .await
+        .unwrap()
+}
+
+/// Asks `app` for `uri` every 20 ms until the answer is not a hit; fails with `what` after
+/// 3 s.
+async fn until_a_miss(app: &Router, uri: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (_, _, cache) = get_body(app, uri).await;
+        if !cache.contains("hit") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {cache}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn get_body(app: &Router, uri: &str) -> (StatusCode, String, String) {
     let res = app
         .clone()
@@ -149,10 +172,7 @@ async fn a_thousand_misses_across_two_replicas_make_one_origin_call() {
         // A generous store timeout: this test is about coordination, and on a loaded
         // machine a fill claim slower than the default 50 ms would (by design) let a
         // replica fill without it.
-        let store =
-            RedisStore::connect(RedisConfig::single(redis.url()).timeout(Duration::from_secs(1)))
-                .await
-                .unwrap();
+        let store = patient_store(&redis).await;
         replicas.push(
             Router::new()
                 .route("/slow", get(slow_product))
@@ -265,18 +285,7 @@ async fn a_tag_purge_on_one_replica_reaches_the_others() {
     assert_eq!(origin.0.load(Ordering::SeqCst), 1);
     // Purged on the plain-Redis replica; the tiered one hears it.
     layers[1].purge_tag("product-3").await;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let (_, _, cache) = get_body(&apps[0], "/t").await;
-        if !cache.contains("hit") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the tag purge never reached replica 0"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_a_miss(&apps[0], "/t", "the tag purge never reached replica 0").await;
     assert!(origin.0.load(Ordering::SeqCst) >= 2);
 }
 
@@ -310,11 +319,7 @@ async fn a_remote_fill_that_stores_nothing_releases_its_waiters_at_once() {
         let origin = Origin::default();
         let mut replicas = Vec::new();
         for _ in 0..2 {
-            let store = RedisStore::connect(
-                RedisConfig::single(redis.url()).timeout(Duration::from_secs(1)),
-            )
-            .await
-            .unwrap();
+            let store = patient_store(&redis).await;
             replicas.push(
                 Router::new()
                     .route("/uncacheable", get(slow_uncacheable))
@@ -524,18 +529,12 @@ async fn purges_reach_the_memory_tier_when_the_first_listed_cluster_node_is_down
     // The subscription of replica 1 reaches a live node after one failed try (a second).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     layers[0].purge("/products/5", None).await;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let (_, _, cache) = get_body(&apps[1], "/products/5").await;
-        if !cache.contains("hit") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the purge never reached the replica whose first node is down: {cache}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_a_miss(
+        &apps[1],
+        "/products/5",
+        "the purge never reached the replica whose first node is down",
+    )
+    .await;
     assert_eq!(origin.0.load(Ordering::SeqCst), calls + 1);
 }
 
@@ -564,10 +563,7 @@ async fn variants_are_shared_and_a_purge_reaches_every_variant() {
     let mut layers = Vec::new();
     let mut apps = Vec::new();
     for _ in 0..2 {
-        let store =
-            RedisStore::connect(RedisConfig::single(redis.url()).timeout(Duration::from_secs(1)))
-                .await
-                .unwrap();
+        let store = patient_store(&redis).await;
         let layer = CacheLayer::builder().redis(store).build();
         apps.push(
             Router::new()
@@ -622,10 +618,7 @@ async fn variants_are_shared_and_a_purge_reaches_every_variant() {
 async fn a_waiter_never_takes_a_purged_entry_for_the_fill() {
     let redis = RedisServer::start();
     let origin = Origin::default();
-    let store =
-        RedisStore::connect(RedisConfig::single(redis.url()).timeout(Duration::from_secs(1)))
-            .await
-            .unwrap();
+    let store = patient_store(&redis).await;
     let layer = CacheLayer::builder().redis(store).build();
     let app = Router::new()
         .route("/t", get(tagged))
@@ -665,10 +658,7 @@ async fn a_waiter_never_takes_a_purged_entry_for_the_fill() {
 async fn a_fill_releases_only_its_own_claim() {
     let redis = RedisServer::start();
     let origin = Origin::default();
-    let store =
-        RedisStore::connect(RedisConfig::single(redis.url()).timeout(Duration::from_secs(1)))
-            .await
-            .unwrap();
+    let store = patient_store(&redis).await;
     let app = Router::new()
         .route("/slow", get(slow_product))
         .with_state(origin.clone())

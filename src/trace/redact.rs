@@ -106,21 +106,15 @@ pub(crate) fn query(query: &str, how: &QueryLog) -> Option<String> {
                 out.push('=');
                 out.push_str(REDACTED);
             }
-            if out.len() > MAX_QUERY {
-                let cut = truncate(&out, MAX_QUERY).len();
-                out.truncate(cut);
-                out.push_str("...");
-                break;
-            }
-            continue;
-        }
-        out.push_str(&escape(name));
-        if let Some(value) = value {
-            out.push('=');
-            if allow.iter().any(|a| a == name) {
-                out.push_str(&escape(value));
-            } else {
-                out.push_str(REDACTED);
+        } else {
+            out.push_str(&escape(name));
+            if let Some(value) = value {
+                out.push('=');
+                if allow.iter().any(|a| a == name) {
+                    out.push_str(&escape(value));
+                } else {
+                    out.push_str(REDACTED);
+                }
             }
         }
         if out.len() > MAX_QUERY {

@@ -73,40 +73,34 @@ impl Schema {
             let base = format!("{prefix}{}", error.instance_path().as_str());
             // One error names every unexpected property: one violation each, so that
             // `errors[]` points at all of them and the total counts them.
-            if let ValidationErrorKind::AdditionalProperties { unexpected } = kind
-                && !unexpected.is_empty()
-            {
-                for name in unexpected {
-                    total += 1;
-                    if out.len() < cap {
-                        let mut pointer = base.clone();
-                        pointer.push('/');
-                        pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
-                        out.push(Violation {
-                            pointer: truncate(pointer, 256),
-                            keyword: kind.keyword().to_owned(),
-                            detail: detail(kind),
-                        });
-                    }
+            // The pointer of a violation about property `name` of the instance, if any.
+            let violation = |name: Option<&str>| {
+                let mut pointer = base.clone();
+                if let Some(name) = name {
+                    pointer.push('/');
+                    pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
                 }
-                continue;
+                Violation {
+                    pointer: truncate(pointer, 256),
+                    keyword: kind.keyword().to_owned(),
+                    detail: detail(kind),
+                }
+            };
+            let names: Vec<Option<&str>> = match kind {
+                ValidationErrorKind::AdditionalProperties { unexpected }
+                    if !unexpected.is_empty() =>
+                {
+                    unexpected.iter().map(|n| Some(n.as_str())).collect()
+                }
+                ValidationErrorKind::Required { property } => vec![property.as_str()],
+                _ => vec![None],
+            };
+            for name in names {
+                total += 1;
+                if out.len() < cap {
+                    out.push(violation(name));
+                }
             }
-            total += 1;
-            if out.len() >= cap {
-                continue;
-            }
-            let mut pointer = base;
-            if let ValidationErrorKind::Required { property } = kind
-                && let Some(name) = property.as_str()
-            {
-                pointer.push('/');
-                pointer.push_str(&name.replace('~', "~0").replace('/', "~1"));
-            }
-            out.push(Violation {
-                pointer: truncate(pointer, 256),
-                keyword: kind.keyword().to_owned(),
-                detail: detail(kind),
-            });
         }
         (out, total)
     }
