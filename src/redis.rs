@@ -110,18 +110,20 @@ impl RedisConfig {
     /// [`StoreError::Timeout`] and counts as a failure for the circuit breaker.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = timeout.min(MAX_WAIT);
         self
     }
 
     /// Longest wait to open a connection (default 1 s).
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.connect_timeout = timeout.min(MAX_WAIT);
         self
     }
 
     /// The prefix of every key (default `battlement`), to share a Redis between services.
+    /// It may not hold `{` or `}` (the id after it is each key's Redis Cluster hash tag);
+    /// [`RedisStore::connect`] refuses such a prefix.
     #[must_use]
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -132,7 +134,7 @@ impl RedisConfig {
     #[must_use]
     pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
         self.breaker_failures = failures.max(1);
-        self.breaker_cooldown = cooldown;
+        self.breaker_cooldown = cooldown.min(MAX_WAIT);
         self
     }
 
@@ -184,6 +186,10 @@ enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
+
+/// The longest timeout or cool-down a configuration keeps (an hour): longer ones, up to
+/// `Duration::MAX`, are cut to it, so no clock arithmetic overflows.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// A connection to Redis (one node or a cluster) that can be cloned freely: clones share
 /// one multiplexed connection. It implements redis-rs's `ConnectionLike`, so any redis-rs
@@ -327,6 +333,12 @@ impl RedisStore {
     /// Connects to Redis. Fails if no connection can be opened now; once connected, the
     /// store reconnects by itself after Redis goes away and comes back.
     pub async fn connect(config: RedisConfig) -> Result<Self, StoreError> {
+        if config.prefix.is_empty() || config.prefix.contains(['{', '}']) {
+            return Err(StoreError::Config(format!(
+                "the key prefix {:?} must be non-empty and hold no braces (the id after it is the hash tag)",
+                config.prefix
+            )));
+        }
         let conn = if config.cluster {
             let client = redis::cluster::ClusterClientBuilder::new(config.nodes.clone())
                 .connection_timeout(config.connect_timeout)

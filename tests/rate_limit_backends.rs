@@ -912,3 +912,37 @@ async fn the_local_fallback_charges_a_costly_request_its_whole_share() {
         "the share was spent"
     );
 }
+
+/// A store configuration is checked and bounded: a key prefix with braces (it would move
+/// every key's hash tag, and break multi-key scripts on a cluster) is refused, and
+/// "forever" timeouts and cool-downs are cut rather than overflow (which panicked on the
+/// breaker's fifth failure).
+#[tokio::test]
+async fn store_configuration_is_checked_and_bounded() {
+    let mut server = RedisServer::start();
+    for prefix in ["svc{", "{svc}", ""] {
+        let refused = RedisStore::connect(RedisConfig::single(server.url()).prefix(prefix)).await;
+        assert!(
+            matches!(refused, Err(battlement::redis::StoreError::Config(_))),
+            "prefix {prefix:?}: {refused:?}"
+        );
+    }
+    let store = connect(
+        RedisConfig::single(server.url())
+            .timeout(Duration::from_millis(100))
+            .connect_timeout(Duration::MAX)
+            .circuit_breaker(1, Duration::MAX),
+    )
+    .await;
+    let svc = Store::Redis(store.clone(), FailurePolicy::Closed)
+        .service(builder("bounded").policy("p", Quota::requests_per(10, Duration::from_secs(60))));
+    assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
+    server.stop();
+    for _ in 0..3 {
+        assert_eq!(
+            send(&svc, "k", &[]).await.status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+    assert_eq!(store.breaker_state(), battlement::redis::BreakerState::Open);
+}

@@ -111,6 +111,10 @@ impl IdempotencyLayer {
     }
 }
 
+/// The largest `max_response_body` accepted: a stored record must stay well under Redis's
+/// 512 MiB limit on one value (over it, Redis drops the shared connection).
+const MAX_RESPONSE_CAP: usize = 256 * 1024 * 1024;
+
 /// Builds an [`IdempotencyLayer`]; [`build`](Self::build) checks the configuration.
 #[must_use]
 pub struct IdempotencyBuilder {
@@ -205,7 +209,8 @@ impl IdempotencyBuilder {
         self
     }
 
-    /// The largest response body stored (default 1 MiB, at most 4 GiB); a larger response
+    /// The largest response body stored (default 1 MiB, at most 256 MiB: Redis refuses a
+    /// value over 512 MiB, and drops the connection every layer shares); a larger response
     /// passes through whole and its key is released.
     pub fn max_response_body(mut self, bytes: usize) -> Self {
         self.max_response_body = bytes;
@@ -259,7 +264,7 @@ impl IdempotencyBuilder {
         if self.retention < Duration::from_millis(1) {
             return Err(ConfigError::ZeroDuration("retention"));
         }
-        if self.max_response_body > u32::MAX as usize {
+        if self.max_response_body > MAX_RESPONSE_CAP {
             return Err(ConfigError::ResponseCapTooLarge(self.max_response_body));
         }
         for name in &self.stored_headers {

@@ -212,6 +212,6 @@ pub enum ConfigError {
     #[error("{0} must be at least 1 ms")]
     ZeroDuration(&'static str),
     /// A response cap over 4 GiB (what a stored record can hold).
-    #[error("max_response_body {0} is over 4 GiB")]
+    #[error("max_response_body {0} is over 256 MiB")]
     ResponseCapTooLarge(usize),
 }
