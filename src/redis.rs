@@ -353,7 +353,18 @@ impl RedisStore {
                     .map_err(|_| StoreError::Timeout(config.connect_timeout * 3))??;
             Conn::Cluster(conn)
         } else {
-            let client = redis::Client::open(config.nodes[0].as_str())?;
+            let info = redis::IntoConnectionInfo::into_connection_info(config.nodes[0].as_str())?;
+            // A connection whose peer vanished without a reset (a crashed host, a failover
+            // to another address, a dropped NAT entry) would otherwise be kept until the
+            // kernel gave up retransmitting, minutes later: every call in between times out
+            // and the manager never learns it should reconnect. Unacknowledged data for a
+            // few seconds now ends the connection, and the manager opens another.
+            #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+            let info =
+                info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_user_timeout(
+                    (config.timeout * 20).clamp(Duration::from_secs(2), Duration::from_secs(30)),
+                ));
+            let client = redis::Client::open(info)?;
             let manager_config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(config.connect_timeout))
                 // Every call is bounded by `call`'s own timeout: a second timer per request
