@@ -1145,3 +1145,48 @@ async fn durations_of_forever_do_not_overflow() {
         assert_eq!(a.replayed(), replayed);
     }
 }
+
+/// A response the store cannot encode (more trailer fields than a record holds) is not
+/// stored, and its key is given back at once: a retry runs again instead of meeting `409`
+/// while the write is tried in vain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_cannot_be_encoded_gives_its_key_back_at_once() {
+    use battlement::body::{RequestBody, ResponseBody};
+    use http_body_util::Full;
+
+    let redis = RedisServer::start();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = runs.clone();
+    let service = tower::ServiceBuilder::new()
+        .layer(
+            IdempotencyLayer::builder()
+                .redis(redis_store(&redis).await)
+                .build()
+                .unwrap(),
+        )
+        .service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async {
+                let mut trailers = HeaderMap::new();
+                for i in 0..(battlement::idempotency::MAX_FRAME_FIELDS + 10) {
+                    let name = http::HeaderName::from_bytes(format!("x-t{i}").as_bytes()).unwrap();
+                    trailers.insert(name, "1".parse().unwrap());
+                }
+                let body: ResponseBody<Full<Bytes>> =
+                    ResponseBody::with_trailers("a reply", trailers);
+                Ok::<_, std::convert::Infallible>(Response::new(body))
+            }
+        });
+    let call = || {
+        Request::post("/rpc")
+            .header("idempotency-key", "k-many-trailers")
+            .body(Full::new(Bytes::from_static(b"a call")))
+            .unwrap()
+    };
+    let res = service.clone().oneshot(call()).await.unwrap();
+    res.into_body().collect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let res = service.clone().oneshot(call()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "the key was still held");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}

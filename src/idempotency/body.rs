@@ -15,7 +15,7 @@ use pin_project_lite::pin_project;
 
 use super::layer::Shared;
 use super::record::StoredResponse;
-use super::store::{BoxFuture, OwnerToken, Scope};
+use super::store::{BoxFuture, OwnerToken, Scope, StoreError};
 use crate::annotate::{Annotation, IdempotencyNote, IdempotencyOutcome};
 use crate::body::ResponseBody;
 
@@ -166,7 +166,12 @@ impl Lease {
                         note(annotation.as_ref(), IdempotencyOutcome::NotStored);
                         return;
                     }
-                    Err(error) if tokio::time::Instant::now() + pause >= deadline => {
+                    // A response that cannot be encoded (too many trailer fields, say) will
+                    // not be stored by trying again.
+                    Err(error)
+                        if matches!(error, StoreError::Corrupt(_))
+                            || tokio::time::Instant::now() + pause >= deadline =>
+                    {
                         tracing::warn!(%error, "battlement::idempotency: a response could not be stored");
                         note(annotation.as_ref(), IdempotencyOutcome::NotStored);
                         give_back(shared.clone(), scope, owner).await;
