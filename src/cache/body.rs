@@ -25,6 +25,9 @@ pub(crate) struct Capture {
     pub(crate) tags: Vec<(String, u64)>,
     pub(crate) buf: BytesMut,
     pub(crate) fill: Option<FillGuard>,
+    /// The response's `Content-Length`: once that many bytes are copied the body is whole,
+    /// whether or not it says so (a stream whose producer lingers).
+    pub(crate) declared: Option<u64>,
 }
 
 pin_project! {
@@ -60,6 +63,7 @@ fn store(capture: Box<Capture>, trailers: Option<HeaderMap>) {
         tags,
         buf,
         fill,
+        ..
     } = *capture;
     // The buffer grew by doubling: kept as it is, an entry could hold up to twice the bytes
     // the store weighs it at. A buffer with much room to spare is copied to its length.
@@ -162,8 +166,13 @@ where
                     } else if let Some(c) = this.capture.as_mut() {
                         c.buf.extend_from_slice(data);
                     }
-                    // A body that says it has ended may never be polled again.
-                    if this.inner.is_end_stream()
+                    // A body that says it has ended may never be polled again; nor may one
+                    // that has sent every byte it declared.
+                    let whole = this
+                        .capture
+                        .as_ref()
+                        .is_some_and(|c| c.declared == Some(c.buf.len() as u64));
+                    if (whole || this.inner.is_end_stream())
                         && let Some(c) = this.capture.take()
                     {
                         store(c, None);

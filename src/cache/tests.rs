@@ -897,3 +897,58 @@ async fn only_if_cached_is_a_hit_or_504() {
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(origin.calls(), 1);
 }
+
+/// A body that sends its declared bytes and then never says it has ended.
+struct Lingering(Option<bytes::Bytes>);
+
+impl http_body::Body for Lingering {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        match self.0.take() {
+            Some(data) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+async fn lingering(State(o): State<Origin>) -> axum::response::Response {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    let mut res = axum::response::Response::new(Body::new(Lingering(Some(
+        bytes::Bytes::from_static(b"whole"),
+    ))));
+    res.headers_mut()
+        .insert("cache-control", "max-age=60".parse().unwrap());
+    res.headers_mut()
+        .insert("content-length", "5".parse().unwrap());
+    res
+}
+
+/// A response whose body sent every declared byte but never says it has ended is relayed
+/// whole, stored, and its fill ends: the next request is a hit (before, the fill read on
+/// for ever, and the client's body never ended).
+#[tokio::test]
+async fn a_body_of_declared_length_that_lingers_is_stored() {
+    let origin = Origin::default();
+    let app = Router::new()
+        .route("/lingering", get(lingering))
+        .with_state(origin.clone())
+        .layer(CacheLayer::builder().build());
+    let first = tokio::time::timeout(Duration::from_secs(2), send(&app, get_req("/lingering")))
+        .await
+        .expect("the client's body ends");
+    assert_eq!(first.body, "whole");
+    let hit = send(&app, get_req("/lingering")).await;
+    assert!(
+        hit.headers["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("hit")
+    );
+    assert_eq!(hit.body, "whole");
+    assert_eq!(origin.calls(), 1);
+}
