@@ -73,11 +73,25 @@ impl RedisConfig {
         Self::with_nodes(nodes.into_iter().map(Into::into).collect(), true)
     }
 
-    /// A comma-separated list: one URL is a single node, several are cluster nodes.
+    /// A comma-separated list: one URL is a single node (or, if that node belongs to a Redis
+    /// Cluster, the cluster it belongs to: [`RedisStore::connect`] finds out), several are
+    /// cluster nodes.
     pub fn from_list(list: &str) -> Result<Self, StoreError> {
-        let nodes: Vec<String> = list
-            .split(',')
-            .map(str::trim)
+        // A comma inside a URL's credentials (`redis://:p,w@host`) does not separate nodes:
+        // a piece with no scheme that holds an `@` continues the one before.
+        let mut pieces: Vec<String> = Vec::new();
+        for piece in list.split(',') {
+            match pieces.last_mut() {
+                Some(last) if !piece.contains("://") && piece.contains('@') => {
+                    last.push(',');
+                    last.push_str(piece);
+                }
+                _ => pieces.push(piece.to_owned()),
+            }
+        }
+        let nodes: Vec<String> = pieces
+            .iter()
+            .map(|s| s.trim())
             .filter(|s| !s.is_empty())
             .map(|s| {
                 if s.contains("://") {
@@ -329,10 +343,53 @@ impl fmt::Debug for RedisStore {
     }
 }
 
+async fn connect_cluster(config: &RedisConfig) -> Result<Conn, StoreError> {
+    let client = redis::cluster::ClusterClientBuilder::new(config.nodes.clone())
+        .connection_timeout(config.connect_timeout)
+        .response_timeout(config.connect_timeout)
+        .retries(2)
+        .min_retry_wait(5)
+        .max_retry_wait(50)
+        .build()?;
+    let conn = tokio::time::timeout(config.connect_timeout * 3, client.get_async_connection())
+        .await
+        .map_err(|_| StoreError::Timeout(config.connect_timeout * 3))??;
+    Ok(Conn::Cluster(conn))
+}
+
+async fn connect_single(config: &RedisConfig) -> Result<ConnectionManager, StoreError> {
+    let info = redis::IntoConnectionInfo::into_connection_info(config.nodes[0].as_str())?;
+    // A connection whose peer vanished without a reset (a crashed host, a failover to
+    // another address, a dropped NAT entry) would otherwise be kept until the kernel gave
+    // up retransmitting, minutes later: every call in between times out and the manager
+    // never learns it should reconnect. Unacknowledged data for a few seconds now ends
+    // the connection, and the manager opens another.
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_user_timeout(
+        (config.timeout * 20).clamp(Duration::from_secs(2), Duration::from_secs(30)),
+    ));
+    let client = redis::Client::open(info)?;
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        // Every call is bounded by `call`'s own timeout: a second timer per request inside
+        // redis-rs would only cost time.
+        .set_response_timeout(None)
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(5))
+        .set_max_delay(Duration::from_millis(100));
+    let conn = tokio::time::timeout(
+        config.connect_timeout * 2,
+        ConnectionManager::new_with_config(client, manager_config),
+    )
+    .await
+    .map_err(|_| StoreError::Timeout(config.connect_timeout * 2))??;
+    Ok(conn)
+}
+
 impl RedisStore {
     /// Connects to Redis. Fails if no connection can be opened now; once connected, the
     /// store reconnects by itself after Redis goes away and comes back.
-    pub async fn connect(config: RedisConfig) -> Result<Self, StoreError> {
+    pub async fn connect(mut config: RedisConfig) -> Result<Self, StoreError> {
         if config.prefix.is_empty() || config.prefix.contains(['{', '}']) {
             return Err(StoreError::Config(format!(
                 "the key prefix {:?} must be non-empty and hold no braces (the id after it is the hash tag)",
@@ -340,46 +397,26 @@ impl RedisStore {
             )));
         }
         let conn = if config.cluster {
-            let client = redis::cluster::ClusterClientBuilder::new(config.nodes.clone())
-                .connection_timeout(config.connect_timeout)
-                .response_timeout(config.connect_timeout)
-                .retries(2)
-                .min_retry_wait(5)
-                .max_retry_wait(50)
-                .build()?;
-            let conn =
-                tokio::time::timeout(config.connect_timeout * 3, client.get_async_connection())
-                    .await
-                    .map_err(|_| StoreError::Timeout(config.connect_timeout * 3))??;
-            Conn::Cluster(conn)
+            connect_cluster(&config).await?
         } else {
-            let info = redis::IntoConnectionInfo::into_connection_info(config.nodes[0].as_str())?;
-            // A connection whose peer vanished without a reset (a crashed host, a failover
-            // to another address, a dropped NAT entry) would otherwise be kept until the
-            // kernel gave up retransmitting, minutes later: every call in between times out
-            // and the manager never learns it should reconnect. Unacknowledged data for a
-            // few seconds now ends the connection, and the manager opens another.
-            #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-            let info =
-                info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_user_timeout(
-                    (config.timeout * 20).clamp(Duration::from_secs(2), Duration::from_secs(30)),
-                ));
-            let client = redis::Client::open(info)?;
-            let manager_config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(config.connect_timeout))
-                // Every call is bounded by `call`'s own timeout: a second timer per request
-                // inside redis-rs would only cost time.
-                .set_response_timeout(None)
-                .set_number_of_retries(1)
-                .set_min_delay(Duration::from_millis(5))
-                .set_max_delay(Duration::from_millis(100));
-            let conn = tokio::time::timeout(
-                config.connect_timeout * 2,
-                ConnectionManager::new_with_config(client, manager_config),
+            let single = connect_single(&config).await?;
+            // One URL that names a node of a Redis Cluster: the whole cluster, seeded from
+            // it (as a single node, every key in another node's slots would be refused
+            // with MOVED).
+            let mut probe = single.clone();
+            let info = tokio::time::timeout(
+                config.connect_timeout,
+                redis::cmd("INFO")
+                    .arg("cluster")
+                    .query_async::<String>(&mut probe),
             )
-            .await
-            .map_err(|_| StoreError::Timeout(config.connect_timeout * 2))??;
-            Conn::Single(conn)
+            .await;
+            if matches!(&info, Ok(Ok(text)) if text.contains("cluster_enabled:1")) {
+                config.cluster = true;
+                connect_cluster(&config).await?
+            } else {
+                Conn::Single(single)
+            }
         };
         let breaker = Breaker {
             failures: AtomicU32::new(0),
@@ -560,6 +597,10 @@ mod tests {
     #[test]
     fn from_list_picks_single_or_cluster() {
         let one = RedisConfig::from_list("redis://127.0.0.1:6379").unwrap();
+        assert!(!one.is_cluster());
+        // A comma in the credentials does not split the URL.
+        let one = RedisConfig::from_list("redis://:p,w@127.0.0.1:6379/").unwrap();
+        assert_eq!(one.nodes(), ["redis://:p,w@127.0.0.1:6379/"]);
         assert!(!one.is_cluster());
         let many = RedisConfig::from_list("127.0.0.1:7000, 127.0.0.1:7001").unwrap();
         assert!(many.is_cluster());

@@ -946,3 +946,19 @@ async fn store_configuration_is_checked_and_bounded() {
     }
     assert_eq!(store.breaker_state(), battlement::redis::BreakerState::Open);
 }
+
+/// One URL that names a node of a Redis Cluster connects to the whole cluster (as a single
+/// node, keys in the other nodes' slots would be refused with MOVED).
+#[tokio::test]
+async fn a_single_url_of_a_cluster_node_is_the_cluster() {
+    let cluster = support::RedisCluster::start();
+    let store = connect(RedisConfig::single(cluster.urls()[0].clone())).await;
+    assert!(store.config().is_cluster());
+    let svc = Store::Redis(store, FailurePolicy::Closed)
+        .service(builder("seeded").policy("p", Quota::requests_per(10, Duration::from_secs(60))));
+    for i in 0..30 {
+        let a = send(&svc, &format!("key-{i}"), &[]).await;
+        assert_eq!(a.status, StatusCode::OK, "key-{i}");
+        assert_eq!(a.note().source, LimitSource::Redis);
+    }
+}
