@@ -406,3 +406,35 @@ impl RateLimitNote {
         }
     }
 }
+
+/// Whether `c` could break or disguise a log line: a control character, a line or
+/// paragraph separator, a zero-width character or a bidirectional override.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{feff}'
+        )
+}
+
+/// `s` as a log line may hold it: client-chosen text with every character [`needs_escape`]
+/// finds written as `\u{..}`, so a line stays one line and reads as what it is whatever
+/// formatter the subscriber uses.
+#[cfg_attr(not(any(feature = "trace", feature = "validate")), allow(dead_code))]
+pub(crate) fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(needs_escape) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if needs_escape(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}

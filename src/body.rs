@@ -280,6 +280,23 @@ pub(crate) struct Collector {
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+/// A message's `Content-Length`, when it has a valid one.
+#[cfg_attr(
+    not(any(
+        feature = "trace",
+        feature = "cache",
+        feature = "validate",
+        feature = "idempotency"
+    )),
+    allow(dead_code)
+)]
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 /// How long the layers that read a request body wait for its next bytes by default.
 pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 

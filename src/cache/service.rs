@@ -455,14 +455,6 @@ fn stored_headers(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// A response's `Content-Length`, when it has a valid one.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
 /// A generation for a new variant list: unique across processes in practice (a per-process
 /// random hasher over the clock and a counter).
 fn new_generation() -> u64 {
@@ -575,7 +567,7 @@ where
         tags: shared.tags(response.headers()).await,
         buf: BytesMut::new(),
         fill,
-        declared: content_length(response.headers()),
+        declared: crate::body::content_length(response.headers()),
     });
     Ok(forwarded(shared, response, fwd, Some(capture)))
 }
@@ -790,7 +782,7 @@ where
         let (parts, body) = response.into_parts();
         // Read to the end, or to the last declared byte: a body that has sent them all may
         // never say it has ended, and waiting on it would hold this task for ever.
-        let declared = content_length(&parts.headers);
+        let declared = crate::body::content_length(&parts.headers);
         let _ = head_tx.send(parts);
         let mut body = std::pin::pin!(body);
         let mut listening = true;

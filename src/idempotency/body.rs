@@ -8,7 +8,7 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::CONTENT_TYPE;
 use http::{HeaderMap, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -255,7 +255,8 @@ pub(crate) struct Capture {
 }
 
 impl Capture {
-    fn finish(mut self, trailers: Option<HeaderMap>) {
+    /// Stores what was captured, once (a second call finds no lease).
+    fn finish(&mut self, trailers: Option<HeaderMap>) {
         let Some(lease) = self.lease.take() else {
             return;
         };
@@ -278,16 +279,8 @@ impl Capture {
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        if self.lease.is_some() && self.declared == Some(self.buf.len() as u64) {
-            let whole = Capture {
-                lease: self.lease.take(),
-                status: self.status,
-                headers: std::mem::take(&mut self.headers),
-                buf: std::mem::take(&mut self.buf),
-                max: self.max,
-                declared: None,
-            };
-            whole.finish(None);
+        if self.declared == Some(self.buf.len() as u64) {
+            self.finish(None);
         } else if let Some(lease) = self.lease.take() {
             lease.note(IdempotencyOutcome::NotStored);
         }
@@ -354,12 +347,12 @@ where
                     }
                     // A body that says it has ended may never be polled again.
                     if this.inner.is_end_stream()
-                        && let Some(c) = this.capture.take()
+                        && let Some(mut c) = this.capture.take()
                     {
                         c.finish(None);
                     }
                 } else if let Some(trailers) = frame.trailers_ref()
-                    && let Some(c) = this.capture.take()
+                    && let Some(mut c) = this.capture.take()
                 {
                     c.finish(Some(trailers.clone()));
                 }
@@ -371,7 +364,7 @@ where
                 }
             }
             None => {
-                if let Some(c) = this.capture.take() {
+                if let Some(mut c) = this.capture.take() {
                     c.finish(None);
                 }
             }
@@ -405,10 +398,7 @@ where
     let streaming = headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = crate::body::content_length(headers);
     let too_big = declared.is_some_and(|n| n > max as u64)
         || response.body().size_hint().lower() > max as u64;
     // A server error, or "too many requests", says nothing about what the request does:
@@ -436,7 +426,7 @@ where
     }
     lease.note(IdempotencyOutcome::Stored);
     let (parts, body) = response.into_parts();
-    let capture = Box::new(Capture {
+    let mut capture = Box::new(Capture {
         lease: Some(lease),
         status,
         headers: stored,

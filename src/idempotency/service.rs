@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, RETRY_AFTER};
+use http::header::RETRY_AFTER;
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
@@ -251,11 +251,7 @@ where
             return ResponseFuture::refused(refusal(&head, IdempotencyOutcome::Invalid, 0));
         };
         let scope = scope(&head, &key);
-        let declared = head
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = crate::body::content_length(head.headers);
         if declared.is_some_and(|n| n > shared.max_request_body as u64) {
             return ResponseFuture::refused(refusal(
                 &head,

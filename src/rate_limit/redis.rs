@@ -29,7 +29,7 @@ local all = redis.call('HGETALL', KEYS[1])
 local known = {}
 for i = 1, #all, 2 do known[all[i]] = tonumber(all[i + 1]) end
 local allowed = 1
-local clamped = {}
+local clamped = nil
 local wait = 0
 local tats = {}
 local next = {}
@@ -43,6 +43,7 @@ for i = 1, n do
     -- Past the capacity only after a quota change to a faster rate: kept at the
     -- capacity from now (written below even when refused), so it refills at the new pace.
     tat = now + cap
+    clamped = clamped or {}
     clamped[#clamped + 1] = names[i]
     clamped[#clamped + 1] = string.format('%d', tat)
   end
@@ -85,7 +86,7 @@ if allowed == 1 then
   end
   redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('PEXPIRE', KEYS[1], math.floor(ttl / 1000) + 1)
-elseif #clamped > 0 then
+elseif clamped then
   redis.call('HSET', KEYS[1], unpack(clamped))
 end
 return out

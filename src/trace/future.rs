@@ -115,11 +115,7 @@ where
         pending.request_id_header().clone(),
         pending.request_id().header_value().clone(),
     );
-    let content_length = parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let content_length = crate::body::content_length(&parts.headers);
     Response::from_parts(parts, TraceBody::new(body, pending, content_length))
 }
 

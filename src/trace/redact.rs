@@ -6,7 +6,6 @@
 //! and reads as what it is whatever formatter the subscriber uses.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 
 use http::HeaderValue;
 use http::header::{AUTHORIZATION, COOKIE, HeaderName, PROXY_AUTHORIZATION, SET_COOKIE};
@@ -37,26 +36,7 @@ pub(crate) const REDACTED: &str = "[redacted]";
 /// Longest query string logged, after redaction.
 const MAX_QUERY: usize = 512;
 
-fn needs_escape(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
-
-/// `s` with control characters, line separators and bidi overrides written as `\u{..}`.
-pub(crate) fn escape(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(needs_escape) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        if needs_escape(c) {
-            let _ = write!(out, "\\u{{{:x}}}", c as u32);
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
-}
+pub(crate) use crate::annotate::escape;
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
 pub(crate) fn truncate(s: &str, max: usize) -> &str {

@@ -104,10 +104,10 @@ fn conclude(shared: &Shared, head: &RequestHead<'_>, found: Found) -> Option<Res
     }
     if shared.report_only {
         // The pointer holds client-chosen names (escaped before they reach a log line).
-        let pointer = loggable(first.as_deref().unwrap_or(""));
+        let pointer = crate::annotate::escape(first.as_deref().unwrap_or(""));
         tracing::warn!(
             violations = found.total,
-            first_pointer = pointer.as_str(),
+            first_pointer = &*pointer,
             "battlement::validate: request violates its schema (report-only)"
         );
         return None;
@@ -246,11 +246,7 @@ where
                 format!("The body must be one of: {allowed}."),
             ));
         }
-        let declared = head
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = crate::body::content_length(head.headers);
         if declared.is_some_and(|n| n > shared.max_body as u64) {
             return ResponseFuture::refused(too_large(&head, shared.max_body));
         }
@@ -258,22 +254,6 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::collecting(req, inner, self.shared.clone(), found, declared)
     }
-}
-
-/// `s` with control and invisible characters (bidi overrides, zero-width, line
-/// separators) escaped, for a log line.
-fn loggable(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        let odd = c.is_control()
-            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
-        if odd {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 pub(crate) fn too_large(head: &RequestHead<'_>, max: usize) -> Response<Bytes> {
@@ -289,9 +269,9 @@ pub(crate) fn too_large(head: &RequestHead<'_>, max: usize) -> Response<Bytes> {
 mod tests {
     #[test]
     fn pointers_are_escaped_for_logs() {
-        assert_eq!(super::loggable("/query/page"), "/query/page");
+        assert_eq!(crate::annotate::escape("/query/page"), "/query/page");
         assert_eq!(
-            super::loggable("/query/a\u{202e}b\nc\u{2028}"),
+            crate::annotate::escape("/query/a\u{202e}b\nc\u{2028}"),
             "/query/a\\u{202e}b\\u{a}c\\u{2028}"
         );
     }
