@@ -12,7 +12,7 @@
 //! | variable | default |
 //! |---|---|
 //! | `BIND` | `127.0.0.1:3000` |
-//! | `REDIS_URL` | unset: in memory; `redis://host:port`, or a comma-separated cluster node list |
+//! | `REDIS_URL` | unset: in memory; `redis://host:port` (a node, or any node of a cluster), or a comma-separated cluster node list |
 //! | `TRUSTED_PROXIES` | none: CIDR list whose `X-Forwarded-For` is believed |
 //! | `RATE_LIMIT_PER_MINUTE` | `600` per client IP on `/products` and `/orders` |
 //! | `ORDER_RATE_LIMIT_PER_MINUTE` | `60` per token subject on `POST /orders` |

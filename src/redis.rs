@@ -1,7 +1,8 @@
 //! Shared Redis plumbing for every Redis backend in the crate.
 //!
-//! One [`RedisConfig`] describes a single node or a Redis Cluster; [`RedisStore::connect`]
-//! turns it into a cheaply cloned handle that every layer can share:
+//! One [`RedisConfig`] describes a single node or a Redis Cluster (one URL of a cluster
+//! node is enough: [`RedisStore::connect`] asks the node); `connect` turns it into a
+//! cheaply cloned handle that every layer can share:
 //!
 //! - **multiplexed connections**: one pipelined connection per node (redis-rs
 //!   `ConnectionManager`, or the cluster connection), never a connection behind a mutex;
@@ -12,7 +13,8 @@
 //!   back;
 //! - **key namespacing**: every key starts with a prefix (`battlement` by default), and the
 //!   part that identifies the object is a hash tag (`battlement:rl:{client}`), so all the keys
-//!   of one object land in one cluster slot and multi-key scripts never fail with CROSSSLOT;
+//!   of one object land in one cluster slot and multi-key scripts never fail with CROSSSLOT
+//!   (a prefix may hold no braces, and a timeout or cool-down is cut to an hour);
 //! - **scripts**: Lua scripts are sent once and run with `EVALSHA`; a `NOSCRIPT` answer (a
 //!   restarted or failed-over server) loads the script again and retries.
 //!

@@ -87,8 +87,10 @@
 //! A fingerprint: SHA-256 of the method, the path and query, the
 //! [chosen headers](IdempotencyBuilder::fingerprint_headers) (`content-type` by default)
 //! and the body. To compute it the body is read, up to a cap (1 MiB,
-//! [`max_request_body`](IdempotencyBuilder::max_request_body); more is a `413`), and handed
-//! on to the handler as the same bytes. Only requests with a key are read.
+//! [`max_request_body`](IdempotencyBuilder::max_request_body); more is a `413`; a body that
+//! sends nothing for [`body_idle_timeout`](IdempotencyBuilder::body_idle_timeout), 30 s, is
+//! a `408`), and handed on to the handler as the same bytes. Only requests with a key are
+//! read.
 //!
 //! ## What is stored, and what is not
 //!

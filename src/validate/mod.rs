@@ -5,6 +5,8 @@
 //!
 //! - a body over the limit: `413` (from `Content-Length` at once, or as soon as a chunked
 //!   body goes over; never more than the limit is buffered);
+//! - a body that sends nothing for [`body_idle_timeout`](ValidateBuilder::body_idle_timeout)
+//!   (30 s): `408`; an empty body where JSON is expected (`POST`, `PUT`, `PATCH`): `400`;
 //! - a body of another media type: `415`;
 //! - malformed JSON, or JSON over the [`JsonLimits`] (depth 64, string, array and object
 //!   sizes), duplicate keys, integers outside 64 bits, numbers that overflow or underflow,
