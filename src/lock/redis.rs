@@ -260,18 +260,15 @@ impl RedisLockBackend {
         let calls: FuturesUnordered<_> = self
             .nodes
             .iter()
-            .enumerate()
-            .map(|(i, node)| {
+            .map(|node| {
                 let owner = &owner;
-                async move { (i, release_on(node, name, owner).await.is_ok()) }
+                async move {
+                    let answered = release_on(&node.store, name, owner).await.is_ok();
+                    (!answered).then(|| node.store.clone())
+                }
             })
             .collect();
-        let answers: Vec<(usize, bool)> = calls.collect().await;
-        let unanswered: Vec<RedisStore> = answers
-            .into_iter()
-            .filter(|(_, ok)| !ok)
-            .map(|(i, _)| self.nodes[i].store.clone())
-            .collect();
+        let unanswered: Vec<RedisStore> = calls.filter_map(std::future::ready).collect().await;
         if unanswered.is_empty() {
             return;
         }
@@ -288,7 +285,7 @@ impl RedisLockBackend {
                 pause = (pause * 2).min(Duration::from_secs(1));
                 let mut still = Vec::new();
                 for store in left {
-                    if release_with(&store, &name, &owner).await.is_err() {
+                    if release_on(&store, &name, &owner).await.is_err() {
                         still.push(store);
                     }
                 }
@@ -325,11 +322,7 @@ fn name_of_channel(channel: &[u8]) -> Option<&str> {
     channel.get(start..end)
 }
 
-async fn release_on(node: &Node, name: &str, owner: &str) -> Result<bool, StoreError> {
-    release_with(&node.store, name, owner).await
-}
-
-async fn release_with(store: &RedisStore, name: &str, owner: &str) -> Result<bool, StoreError> {
+async fn release_on(store: &RedisStore, name: &str, owner: &str) -> Result<bool, StoreError> {
     let key = lock_key(store, name);
     let channel = channel_of(key.clone());
     let script = if store.config().is_cluster() {
@@ -660,7 +653,7 @@ impl LockBackend for RedisLockBackend {
         Box::pin(async move {
             let owner = owner.to_hex();
             if let [node] = self.nodes.as_slice() {
-                return match release_on(node, name, &owner).await {
+                return match release_on(&node.store, name, &owner).await {
                     Ok(released) => Ok(released),
                     Err(error) => Err(unavailable(error)),
                 };
@@ -668,7 +661,7 @@ impl LockBackend for RedisLockBackend {
             let calls: FuturesUnordered<_> = self
                 .nodes
                 .iter()
-                .map(|node| release_on(node, name, &owner))
+                .map(|node| release_on(&node.store, name, &owner))
                 .collect();
             let answers: Vec<Result<bool, StoreError>> = calls.collect().await;
             let released = answers.iter().filter(|a| matches!(a, Ok(true))).count();
