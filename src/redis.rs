@@ -6,7 +6,9 @@
 //!
 //! - **multiplexed connections**: one pipelined connection per node (redis-rs
 //!   `ConnectionManager`, or the cluster connection), never a connection behind a mutex;
-//!   both reconnect by themselves;
+//!   both reconnect by themselves, and a single node that answers `READONLY` (a primary
+//!   demoted by a failover behind a DNS name, a virtual IP or a proxy) is dialled again, so
+//!   the store follows the name to the new primary;
 //! - **a per-call timeout** (50 ms by default): no request waits longer because Redis is slow;
 //! - **a circuit breaker**: after a run of failures (5 by default) calls fail at once for a
 //!   cool-down (1 s by default), then one probe call is let through to see whether Redis is
@@ -324,10 +326,19 @@ impl Breaker {
 }
 
 struct Inner {
-    conn: Conn,
+    /// The current connection: swapped for a new one when a single node turns out to be a
+    /// replica (see [`RedisStore::redial`]).
+    conn: arc_swap::ArcSwap<Conn>,
     config: RedisConfig,
     breaker: Breaker,
+    /// Whether a redial is under way, and when (nanoseconds on the breaker's clock) the
+    /// last one started: at most one at a time, and one a second.
+    redialing: std::sync::atomic::AtomicBool,
+    redialed_at: AtomicU64,
 }
+
+/// The least time between two redials of a single node that answers `READONLY`.
+const REDIAL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A shared handle to Redis: connection, timeout, circuit breaker and key prefix.
 /// Clones share everything.
@@ -429,9 +440,11 @@ impl RedisStore {
         };
         Ok(Self {
             inner: Arc::new(Inner {
-                conn,
+                conn: arc_swap::ArcSwap::from_pointee(conn),
                 config,
                 breaker,
+                redialing: std::sync::atomic::AtomicBool::new(false),
+                redialed_at: AtomicU64::new(0),
             }),
         })
     }
@@ -442,9 +455,63 @@ impl RedisStore {
     }
 
     /// A clone of the shared connection (no new socket), for commands of your own. Calls
-    /// made on it bypass the timeout and the circuit breaker: use [`RedisStore::call`].
+    /// made on it bypass the timeout and the circuit breaker: use [`RedisStore::call`]. A
+    /// clone keeps the connection it was taken from: after the store redials a demoted
+    /// primary, take a new one.
     pub fn connection(&self) -> RedisConnection {
-        RedisConnection(self.inner.conn.clone())
+        RedisConnection(Conn::clone(&self.inner.conn.load()))
+    }
+
+    /// Opens a new connection to a single node that answered `READONLY`, in the background,
+    /// and makes it the store's: the node's address now names a replica (a primary demoted
+    /// by a failover), and redis-rs keeps a connection that answers, so only a new one,
+    /// which resolves the name again, reaches the new primary behind a DNS name, a virtual
+    /// IP or a proxy. At most one redial at a time and one a second; calls go on over the
+    /// old connection meanwhile (and fail, which the breaker counts). A Redis Cluster
+    /// follows its failovers by itself.
+    fn redial(&self) {
+        let inner = &self.inner;
+        if !matches!(**inner.conn.load(), Conn::Single(_)) {
+            return;
+        }
+        let now = inner.breaker.now();
+        let last = inner.redialed_at.load(Ordering::Acquire);
+        if last != 0 && now.saturating_sub(last) < REDIAL_INTERVAL.as_nanos() as u64 {
+            return;
+        }
+        if inner.redialing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        inner.redialed_at.store(now, Ordering::Release);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            inner.redialing.store(false, Ordering::Release);
+            return;
+        };
+        let weak = Arc::downgrade(inner);
+        runtime.spawn(async move {
+            let Some(config) = weak.upgrade().map(|inner| inner.config.clone()) else {
+                return;
+            };
+            let dialled = connect_single(&config).await;
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            match dialled {
+                Ok(conn) => {
+                    inner.conn.store(Arc::new(Conn::Single(conn)));
+                    tracing::warn!(
+                        node = %config.nodes[0],
+                        "battlement: redis answered READONLY (a demoted primary); connected again"
+                    );
+                }
+                Err(err) => tracing::warn!(
+                    node = %config.nodes[0],
+                    error = %err,
+                    "battlement: redis answered READONLY (a demoted primary); connecting again failed"
+                ),
+            }
+            inner.redialing.store(false, Ordering::Release);
+        });
     }
 
     /// The circuit breaker's state.
@@ -492,6 +559,11 @@ impl RedisStore {
         }
         let timeout = self.inner.config.timeout;
         let result = tokio::time::timeout(timeout, call(self.connection())).await;
+        if let Ok(Err(err)) = &result
+            && err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        {
+            self.redial();
+        }
         if !guarded {
             return match result {
                 Ok(Ok(value)) => Ok(value),

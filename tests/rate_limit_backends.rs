@@ -852,6 +852,59 @@ async fn a_read_only_redis_opens_the_breaker() {
     );
 }
 
+/// A failover behind the name the store dials (a DNS name, a virtual IP, a managed
+/// primary endpoint; here a TCP proxy): the old primary becomes a replica and answers
+/// `READONLY` on the connection the store already has, which redis-rs keeps. The store
+/// dials the name again and reaches the new primary, and limits are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_behind_the_dialled_name_is_followed() {
+    let old = RedisServer::start();
+    let new = RedisServer::start();
+    let port = old.port().to_string();
+    assert_eq!(new.command(&["REPLICAOF", "127.0.0.1", &port]), "OK");
+    let proxy = support::TcpProxy::start(&old.addr());
+    let store = connect(
+        RedisConfig::single(proxy.url())
+            .timeout(Duration::from_millis(100))
+            .circuit_breaker(3, Duration::from_millis(200)),
+    )
+    .await;
+    let svc = Store::Redis(store.clone(), FailurePolicy::Closed).service(
+        builder("failover").policy("p", Quota::requests_per(1000, Duration::from_secs(60))),
+    );
+    assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
+
+    // The failover: the replica is promoted, the old primary follows it, and the name now
+    // leads to the new primary.
+    assert_eq!(new.command(&["REPLICAOF", "NO", "ONE"]), "OK");
+    let port = new.port().to_string();
+    assert_eq!(old.command(&["REPLICAOF", "127.0.0.1", &port]), "OK");
+    proxy.set_target(&new.addr());
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut refused = 0;
+    loop {
+        let status = send(&svc, "after", &[]).await.status;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        refused += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still refused after {refused} requests: the store kept the demoted primary"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused > 0, "the old connection answered READONLY first");
+    let key = store.key("rl:failover", &"after");
+    assert_eq!(
+        new.command(&["EXISTS", &key]),
+        "1",
+        "the check was written on the new primary"
+    );
+}
+
 /// Two layers (or replicas of two versions, one with a policy more) sharing a key name:
 /// each keeps the key alive as long as its own buckets need, never cutting short another's
 /// (a one-second burst policy must not expire a daily policy's state).

@@ -796,3 +796,70 @@ impl fmt::Debug for RedisCluster {
             .finish()
     }
 }
+
+// ---------------------------------------------------------------------------
+// A TCP proxy whose target can be switched
+// ---------------------------------------------------------------------------
+
+/// A plain TCP forwarder on a free loopback port, standing for the name a client dials (a
+/// DNS name, a virtual IP, a managed service's primary endpoint): each new connection goes
+/// to the current target; connections already open stay with the target they were opened
+/// to, as they do when a DNS record or a virtual IP moves.
+pub struct TcpProxy {
+    port: u16,
+    target: std::sync::Arc<Mutex<String>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TcpProxy {
+    /// Starts forwarding to `target` (`host:port`).
+    pub fn start(target: &str) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let target = std::sync::Arc::new(Mutex::new(target.to_string()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (to, halt) = (target.clone(), stop.clone());
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                if halt.load(Ordering::Acquire) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let upstream = to.lock().unwrap().clone();
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                for (mut from, mut into) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    thread::spawn(move || {
+                        let _ = io::copy(&mut from, &mut into);
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        TcpProxy { port, target, stop }
+    }
+
+    /// Sends new connections to `target` from now on.
+    pub fn set_target(&self, target: &str) {
+        *self.target.lock().unwrap() = target.to_string();
+    }
+
+    /// The URL a Redis client dials to go through the proxy.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
