@@ -289,6 +289,69 @@ async fn a_tag_purge_on_one_replica_reaches_the_others() {
     assert!(origin.0.load(Ordering::SeqCst) >= 2);
 }
 
+/// A tag purge that cannot reach Redis did not happen: the replica that tried must not
+/// run its own version of the tag ahead of Redis's, or the entries it stores meanwhile
+/// would carry the version of the next real purge and survive it everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_purge_that_fails_never_lets_entries_outlive_the_next() {
+    let redis = RedisServer::start();
+    let origin = Origin::default();
+    let app = |store: RedisStore| {
+        let layer = CacheLayer::builder().redis(store).build();
+        (
+            Router::new()
+                .route("/t", get(tagged))
+                .with_state(origin.clone())
+                .layer(layer.clone()),
+            layer,
+        )
+    };
+    // Replica A may not move a tag's version (its purges fail with NOPERM, and land
+    // nowhere, unlike a purge that times out).
+    assert_eq!(
+        redis.command(&[
+            "ACL",
+            "SETUSER",
+            "replica-a",
+            "on",
+            ">pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-incr"
+        ]),
+        "OK"
+    );
+    let url = format!("redis://replica-a:pw@{}/", redis.addr());
+    let limited = RedisStore::connect(RedisConfig::single(url).timeout(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let (a, layer_a) = app(limited);
+    let (b, layer_b) = app(patient_store(&redis).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Replica A stores the tagged entry, then fails to purge its tag.
+    get_body(&a, "/t").await;
+    stored(&redis).await;
+    layer_a.purge_tag("product-3").await;
+    assert_eq!(
+        redis.command(&["EXISTS", "battlement:cache-tag:{product-3}"]),
+        "0"
+    );
+    // A stores the entry again if it took its purge for done (a refill at its own
+    // version), or hits the one it has.
+    let (_, body, _) = get_body(&a, "/t").await;
+    assert_eq!(body, "tagged product");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = origin.0.load(Ordering::SeqCst);
+
+    // A real purge, on B: what A stored before it is gone (B's next request is a miss;
+    // the entry it then stores is fresh).
+    layer_b.purge_tag("product-3").await;
+    until_a_miss(&b, "/t", "an entry stored before a real purge outlived it").await;
+    assert!(origin.0.load(Ordering::SeqCst) > before);
+}
+
 async fn slow_uncacheable(State(o): State<Origin>) -> impl IntoResponse {
     o.0.fetch_add(1, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(300)).await;
