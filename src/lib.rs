@@ -236,6 +236,7 @@
 //! - `idempotency` (default): the [`idempotency`] layer.
 //! - `metrics`: request metrics recorded by the trace layer (implies `trace`).
 //! - `redis`: the Redis backends and [`redis`] plumbing.
+//! - `redis-tls`: TLS to Redis (`rediss://` URLs, a private CA, mutual TLS; implies `redis`).
 //! - `axum`: [`key::ClientIp`] reads axum's `ConnectInfo<SocketAddr>`, and the trace layer
 //!   reads the route template from axum's `MatchedPath`.
 //! - `tonic`: [`key::ClientIp`] reads tonic's `TcpConnectInfo`.

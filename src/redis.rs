@@ -19,6 +19,12 @@
 //!   (a prefix may hold no braces, and a timeout or cool-down is cut to an hour);
 //! - **scripts**: Lua scripts are sent once and run with `EVALSHA`; a `NOSCRIPT` answer (a
 //!   restarted or failed-over server) loads the script again and retries.
+//! - **TLS** (feature `redis-tls`): `rediss://` URLs, checked against the bundled Mozilla
+//!   roots, or a private certificate authority given with
+//!   [`RedisConfig::tls_root_certificates`]; [`RedisConfig::tls_client_certificate`] for
+//!   mutual TLS. Every connection the crate opens (calls, the lock's release notifications,
+//!   the cache's purge listener, a cluster's nodes) uses them. Without the feature a
+//!   `rediss://` URL is refused at connect.
 //!
 //! ```no_run
 //! use battlement::redis::{RedisConfig, RedisStore};
@@ -48,7 +54,9 @@ use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Value};
 pub use redis::Script;
 
 /// How to reach Redis, and how long to wait for it.
-#[derive(Clone, Debug)]
+///
+/// Its `Debug` output hides the credentials in node URLs.
+#[derive(Clone)]
 pub struct RedisConfig {
     nodes: Vec<String>,
     cluster: bool,
@@ -57,6 +65,39 @@ pub struct RedisConfig {
     prefix: String,
     breaker_failures: u32,
     breaker_cooldown: Duration,
+    #[cfg(feature = "redis-tls")]
+    tls: Option<redis::TlsCertificates>,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nodes: Vec<String> = self.nodes.iter().map(|n| redact_url(n)).collect();
+        let mut out = f.debug_struct("RedisConfig");
+        out.field("nodes", &nodes)
+            .field("cluster", &self.cluster)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("prefix", &self.prefix)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_cooldown", &self.breaker_cooldown);
+        #[cfg(feature = "redis-tls")]
+        out.field("tls", &self.tls);
+        out.finish()
+    }
+}
+
+/// `url` with its user and password (everything before the `@` of the authority) replaced
+/// by `***`, for logs.
+fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let sep = if scheme.is_empty() { "" } else { "://" };
+            format!("{scheme}{sep}***{}", &rest[at..])
+        }
+        None => url.to_owned(),
+    }
 }
 
 /// Default per-call timeout.
@@ -121,7 +162,81 @@ impl RedisConfig {
             prefix: "battlement".into(),
             breaker_failures: 5,
             breaker_cooldown: Duration::from_secs(1),
+            #[cfg(feature = "redis-tls")]
+            tls: None,
         }
+    }
+
+    /// Trusts these root certificates (PEM, one or more) for `rediss://` nodes, instead of
+    /// the bundled Mozilla roots: a private certificate authority (a self-hosted Redis,
+    /// Google Memorystore's server CA). Every connection the crate opens uses them (calls,
+    /// the lock's and the cache's pub/sub, a cluster's nodes).
+    #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
+    #[must_use]
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls
+            .get_or_insert(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: None,
+            })
+            .root_cert = Some(pem.into());
+        self
+    }
+
+    /// Presents this client certificate chain and private key (PEM) to `rediss://` nodes
+    /// that ask for one (mutual TLS, `tls-auth-clients yes`).
+    #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
+    #[must_use]
+    pub fn tls_client_certificate(
+        mut self,
+        certificate_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls
+            .get_or_insert(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: None,
+            })
+            .client_tls = Some(redis::ClientTlsConfig {
+            client_cert: certificate_pem.into(),
+            client_key: key_pem.into(),
+        });
+        self
+    }
+
+    /// A redis-rs client for node `url`, with this configuration's certificates when it is
+    /// a `rediss://` URL.
+    #[cfg_attr(not(any(feature = "lock", feature = "cache")), allow(dead_code))]
+    pub(crate) fn client(&self, url: &str) -> Result<redis::Client, redis::RedisError> {
+        self.client_for(redis::IntoConnectionInfo::into_connection_info(url)?)
+    }
+
+    fn client_for(&self, info: redis::ConnectionInfo) -> Result<redis::Client, redis::RedisError> {
+        #[cfg(feature = "redis-tls")]
+        if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            tls_provider();
+            if let Some(certs) = &self.tls {
+                return redis::Client::build_with_tls(info, certs.clone());
+            }
+        }
+        redis::Client::open(info)
+    }
+
+    /// A redis-rs cluster client builder for the nodes, with this configuration's
+    /// certificates when they are `rediss://` URLs.
+    pub(crate) fn cluster_client(&self) -> redis::cluster::ClusterClientBuilder {
+        #[allow(unused_mut)]
+        let mut builder = redis::cluster::ClusterClientBuilder::new(self.nodes.clone());
+        #[cfg(feature = "redis-tls")]
+        if self.nodes.iter().any(|n| n.starts_with("rediss://")) {
+            tls_provider();
+            if let Some(certs) = &self.tls {
+                builder = builder.certs(certs.clone());
+            }
+        }
+        builder
     }
 
     /// Longest wait for one call (default 50 ms). A call that takes longer fails with
@@ -175,6 +290,17 @@ impl RedisConfig {
     /// The per-call timeout.
     pub fn call_timeout(&self) -> Duration {
         self.timeout
+    }
+}
+
+/// Makes sure rustls has a process-wide crypto provider before redis-rs builds a TLS
+/// configuration with it: aws-lc-rs (as `jsonwebtoken` here), unless the application
+/// installed one. Without it, an application whose dependencies enable both of rustls's
+/// providers would panic on its first `rediss://` connection.
+#[cfg(feature = "redis-tls")]
+fn tls_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     }
 }
 
@@ -357,7 +483,8 @@ impl fmt::Debug for RedisStore {
 }
 
 async fn connect_cluster(config: &RedisConfig) -> Result<Conn, StoreError> {
-    let client = redis::cluster::ClusterClientBuilder::new(config.nodes.clone())
+    let client = config
+        .cluster_client()
         .connection_timeout(config.connect_timeout)
         .response_timeout(config.connect_timeout)
         .retries(2)
@@ -381,7 +508,7 @@ async fn connect_single(config: &RedisConfig) -> Result<ConnectionManager, Store
     let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_user_timeout(
         (config.timeout * 20).clamp(Duration::from_secs(2), Duration::from_secs(30)),
     ));
-    let client = redis::Client::open(info)?;
+    let client = config.client_for(info)?;
     let manager_config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         // Every call is bounded by `call`'s own timeout: a second timer per request inside
@@ -667,6 +794,20 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_hides_credentials() {
+        assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(redact_url("rediss://u:p@s@h/"), "rediss://***@h/");
+        assert_eq!(redact_url("redis://h:1/?x=a@b"), "redis://h:1/?x=a@b");
+        assert_eq!(redact_url("u:p@h:1"), "***@h:1");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+        let shown = format!("{:?}", RedisConfig::single("redis://app:s3cret@h:1/"));
+        assert!(
+            shown.contains("***@h:1") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn from_list_picks_single_or_cluster() {

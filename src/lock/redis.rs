@@ -820,7 +820,8 @@ impl Notifier {
     async fn connect_sharded(&self, waiters: Weak<WaitList>) -> Option<ClusterConnection> {
         let config = self.store.config();
         let confirmed = self.confirmed.clone();
-        let client = redis::cluster::ClusterClientBuilder::new(config.nodes().to_vec())
+        let client = config
+            .cluster_client()
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(move |push: redis::PushInfo| {
                 on_push(&waiters, &confirmed, push);
@@ -884,7 +885,7 @@ impl Notifier {
 
     /// Opens a pub/sub connection and starts the task that wakes waiters on its messages.
     async fn connect(&self, waiters: Weak<WaitList>) -> Option<Link> {
-        let client = redis::Client::open(self.url.as_str()).ok()?;
+        let client = self.store.config().client(&self.url).ok()?;
         let pubsub = client.get_async_pubsub().await.ok()?;
         let (sink, stream) = pubsub.split();
         let number = self.connections.fetch_add(1, Ordering::Relaxed) + 1;

@@ -314,20 +314,18 @@ impl RedisServer {
         Self::launch(program, extra_args, false)
     }
 
-    /// Starts a cluster-enabled node (not yet part of any cluster).
-    fn start_cluster_node() -> RedisServer {
-        Self::launch(
-            REDIS_SERVER,
-            &[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "2000",
-            ],
-            true,
-        )
+    /// Starts a cluster-enabled node (not yet part of any cluster), with `extra_args`.
+    fn start_cluster_node(extra_args: &[String]) -> RedisServer {
+        let mut args = vec![
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+        ];
+        args.extend(extra_args.iter().map(String::as_str));
+        Self::launch(REDIS_SERVER, &args, true)
     }
 
     fn launch(program: &str, extra_args: &[&str], cluster: bool) -> RedisServer {
@@ -643,10 +641,15 @@ impl RedisCluster {
     /// `redis-cli --cluster create`, and waits until every node reports
     /// `cluster_state:ok` with all 16384 slots assigned.
     pub fn start() -> RedisCluster {
+        Self::start_with(|_| Vec::new())
+    }
+
+    /// [`start`](Self::start), node `i` started with the extra arguments `node_args(i)`.
+    pub fn start_with(node_args: impl Fn(usize) -> Vec<String>) -> RedisCluster {
         require_program(REDIS_SERVER);
         require_program(REDIS_CLI);
         let nodes: Vec<RedisServer> = (0..Self::MASTERS)
-            .map(|_| RedisServer::start_cluster_node())
+            .map(|i| RedisServer::start_cluster_node(&node_args(i)))
             .collect();
         let cluster = RedisCluster { nodes };
 
@@ -861,5 +864,131 @@ impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// TLS material
+// ---------------------------------------------------------------------------
+
+/// A private certificate authority with a server certificate for `127.0.0.1`/`localhost`
+/// and a client certificate, made with the `openssl` command line in a fresh directory.
+pub struct TlsFiles {
+    pub dir: PathBuf,
+}
+
+impl TlsFiles {
+    /// Makes the CA, the server and the client certificates. Panics (tests never skip)
+    /// when `openssl` is missing or fails.
+    pub fn generate() -> TlsFiles {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("battlement-tls-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create the TLS directory");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run openssl (install it): {e}"));
+            assert!(
+                out.status.success(),
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=battlement test CA",
+        ]);
+        for who in ["server", "client"] {
+            let (key, csr, crt, ext) = (
+                format!("{who}.key"),
+                format!("{who}.csr"),
+                format!("{who}.crt"),
+                format!("{who}.ext"),
+            );
+            run(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN=battlement test {who}"),
+            ]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ]);
+        }
+        TlsFiles { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_str().unwrap().to_owned()
+    }
+
+    pub fn read(&self, name: &str) -> Vec<u8> {
+        fs::read(self.dir.join(name)).unwrap()
+    }
+
+    /// `redis-server` arguments for a TLS port next to the plain one (which the test
+    /// harness and the tests' own commands use). `clients` asks for client certificates.
+    pub fn server_args(&self, tls_port: u16, clients: bool) -> Vec<String> {
+        [
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &self.path("server.crt"),
+            "--tls-key-file",
+            &self.path("server.key"),
+            "--tls-ca-cert-file",
+            &self.path("ca.crt"),
+            "--tls-auth-clients",
+            if clients { "yes" } else { "no" },
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -59,11 +59,12 @@ async fn listen(store: Weak<TieredStore>) {
     let mut attempt = 0usize;
     let mut listened = false;
     loop {
-        let Some((url, channel, memory, versions)) = store.upgrade().and_then(|s| {
-            let nodes = s.publisher.config().nodes();
+        let Some((client, channel, memory, versions)) = store.upgrade().and_then(|s| {
+            let config = s.publisher.config();
+            let nodes = config.nodes();
             (!nodes.is_empty()).then(|| {
                 (
-                    nodes[attempt % nodes.len()].clone(),
+                    config.client(&nodes[attempt % nodes.len()]),
                     s.channel.clone(),
                     s.memory.clone(),
                     s.versions.clone(),
@@ -74,7 +75,7 @@ async fn listen(store: Weak<TieredStore>) {
         };
         attempt += 1;
         let subscribed = async {
-            let client = redis::Client::open(url.as_str()).ok()?;
+            let client = client.ok()?;
             let mut pubsub = client.get_async_pubsub().await.ok()?;
             pubsub.subscribe(&channel).await.ok()?;
             Some(pubsub)
