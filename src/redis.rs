@@ -9,6 +9,9 @@
 //!   both reconnect by themselves, and a single node that answers `READONLY` (a primary
 //!   demoted by a failover behind a DNS name, a virtual IP or a proxy) is dialled again, so
 //!   the store follows the name to the new primary;
+//! - **Redis Sentinel**: [`RedisConfig::sentinel`] asks the Sentinels for the master's
+//!   address, and asks again when the master answers `READONLY` or cannot be reached, so
+//!   the store (and the layers' pub/sub connections) follow a failover;
 //! - **a per-call timeout** (50 ms by default): no request waits longer because Redis is slow;
 //! - **a circuit breaker**: after a run of failures (5 by default) calls fail at once for a
 //!   cool-down (1 s by default), then one probe call is let through to see whether Redis is
@@ -65,8 +68,19 @@ pub struct RedisConfig {
     prefix: String,
     breaker_failures: u32,
     breaker_cooldown: Duration,
+    /// Set when `nodes` are Redis Sentinels, asked for this master.
+    sentinel: Option<SentinelMaster>,
     #[cfg(feature = "redis-tls")]
     tls: Option<redis::TlsCertificates>,
+}
+
+/// The master a Sentinel-configured store asks for, and its credentials (the Sentinels'
+/// own are in their URLs).
+#[derive(Clone)]
+struct SentinelMaster {
+    name: String,
+    username: Option<String>,
+    password: Option<String>,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -79,7 +93,8 @@ impl fmt::Debug for RedisConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("prefix", &self.prefix)
             .field("breaker_failures", &self.breaker_failures)
-            .field("breaker_cooldown", &self.breaker_cooldown);
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .field("sentinel_master", &self.sentinel.as_ref().map(|s| &s.name));
         #[cfg(feature = "redis-tls")]
         out.field("tls", &self.tls);
         out.finish()
@@ -162,9 +177,47 @@ impl RedisConfig {
             prefix: "battlement".into(),
             breaker_failures: 5,
             breaker_cooldown: Duration::from_secs(1),
+            sentinel: None,
             #[cfg(feature = "redis-tls")]
             tls: None,
         }
+    }
+
+    /// The master named `master_name` that Redis Sentinel watches: `sentinels` are the
+    /// Sentinels' URLs (`redis://10.0.0.5:26379/`, with the Sentinels' own password if they
+    /// have one). [`RedisStore::connect`] asks them, in turn, for the master's address, and
+    /// asks again whenever the master it holds answers `READONLY` (demoted by a failover) or
+    /// cannot be reached, so the store follows failovers. The master is reached over TLS
+    /// when the Sentinels' URLs are `rediss://`; give its credentials with
+    /// [`sentinel_master_auth`](Self::sentinel_master_auth).
+    pub fn sentinel<I, T>(master_name: impl Into<String>, sentinels: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        let mut config = Self::with_nodes(sentinels.into_iter().map(Into::into).collect(), false);
+        config.sentinel = Some(SentinelMaster {
+            name: master_name.into(),
+            username: None,
+            password: None,
+        });
+        config
+    }
+
+    /// The credentials of the master found through Sentinel (ACL user, or `None` for the
+    /// default user, and password). No effect without [`sentinel`](Self::sentinel).
+    #[must_use]
+    pub fn sentinel_master_auth(mut self, username: Option<&str>, password: &str) -> Self {
+        if let Some(master) = &mut self.sentinel {
+            master.username = username.map(str::to_owned);
+            master.password = Some(password.to_owned());
+        }
+        self
+    }
+
+    /// Whether the nodes are Redis Sentinels (see [`sentinel`](Self::sentinel)).
+    pub fn is_sentinel(&self) -> bool {
+        self.sentinel.is_some()
     }
 
     /// Trusts these root certificates (PEM, one or more) for `rediss://` nodes, instead of
@@ -455,6 +508,10 @@ struct Inner {
     /// The current connection: swapped for a new one when a single node turns out to be a
     /// replica (see [`RedisStore::redial`]).
     conn: arc_swap::ArcSwap<Conn>,
+    /// The node a single-node store is connected to (its URL's, or the master the
+    /// Sentinels named last), for the pub/sub connections of the layers; `None` on a
+    /// cluster.
+    node: arc_swap::ArcSwap<Option<redis::ConnectionInfo>>,
     config: RedisConfig,
     breaker: Breaker,
     /// Whether a redial is under way, and when (nanoseconds on the breaker's clock) the
@@ -497,8 +554,71 @@ async fn connect_cluster(config: &RedisConfig) -> Result<Conn, StoreError> {
     Ok(Conn::Cluster(conn))
 }
 
-async fn connect_single(config: &RedisConfig) -> Result<ConnectionManager, StoreError> {
-    let info = redis::IntoConnectionInfo::into_connection_info(config.nodes[0].as_str())?;
+/// The node a single-node store connects to: its URL, or the master the Sentinels name.
+async fn resolve(config: &RedisConfig) -> Result<redis::ConnectionInfo, StoreError> {
+    let Some(master) = &config.sentinel else {
+        return Ok(redis::IntoConnectionInfo::into_connection_info(
+            config.nodes[0].as_str(),
+        )?);
+    };
+    let mut failure = None;
+    for sentinel in &config.nodes {
+        let asked = async {
+            let mut conn = config
+                .client(sentinel)?
+                .get_multiplexed_async_connection()
+                .await?;
+            redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(&master.name)
+                .query_async::<Option<(String, u16)>>(&mut conn)
+                .await
+        };
+        match tokio::time::timeout(config.connect_timeout, asked).await {
+            Ok(Ok(Some((host, port)))) => {
+                let tls = sentinel.starts_with("rediss://");
+                let addr = if tls {
+                    redis::ConnectionAddr::TcpTls {
+                        host,
+                        port,
+                        insecure: false,
+                        tls_params: None,
+                    }
+                } else {
+                    redis::ConnectionAddr::Tcp(host, port)
+                };
+                let mut settings = redis::RedisConnectionInfo::default();
+                if let Some(user) = &master.username {
+                    settings = settings.set_username(user);
+                }
+                if let Some(password) = &master.password {
+                    settings = settings.set_password(password);
+                }
+                let base = redis::IntoConnectionInfo::into_connection_info(if tls {
+                    "rediss://127.0.0.1/"
+                } else {
+                    "redis://127.0.0.1/"
+                })?;
+                return Ok(base.set_addr(addr).set_redis_settings(settings));
+            }
+            Ok(Ok(None)) => {
+                failure = Some(StoreError::Config(format!(
+                    "the Sentinel at {} knows no master named {:?}",
+                    redact_url(sentinel),
+                    master.name
+                )))
+            }
+            Ok(Err(err)) => failure = Some(StoreError::Redis(err)),
+            Err(_) => failure = Some(StoreError::Timeout(config.connect_timeout)),
+        }
+    }
+    Err(failure.unwrap_or_else(|| StoreError::Config("no Sentinel given".into())))
+}
+
+async fn connect_single(
+    config: &RedisConfig,
+    info: redis::ConnectionInfo,
+) -> Result<ConnectionManager, StoreError> {
     // A connection whose peer vanished without a reset (a crashed host, a failover to
     // another address, a dropped NAT entry) would otherwise be kept until the kernel gave
     // up retransmitting, minutes later: every call in between times out and the manager
@@ -536,10 +656,17 @@ impl RedisStore {
                 config.prefix
             )));
         }
+        let mut node = None;
         let conn = if config.cluster {
             connect_cluster(&config).await?
+        } else if config.sentinel.is_some() {
+            let info = resolve(&config).await?;
+            node = Some(info.clone());
+            Conn::Single(connect_single(&config, info).await?)
         } else {
-            let single = connect_single(&config).await?;
+            let info = resolve(&config).await?;
+            node = Some(info.clone());
+            let single = connect_single(&config, info).await?;
             // One URL that names a node of a Redis Cluster: the whole cluster, seeded from
             // it (as a single node, every key in another node's slots would be refused
             // with MOVED).
@@ -553,6 +680,7 @@ impl RedisStore {
             .await;
             if matches!(&info, Ok(Ok(text)) if text.contains("cluster_enabled:1")) {
                 config.cluster = true;
+                node = None;
                 connect_cluster(&config).await?
             } else {
                 Conn::Single(single)
@@ -568,6 +696,7 @@ impl RedisStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 conn: arc_swap::ArcSwap::from_pointee(conn),
+                node: arc_swap::ArcSwap::from_pointee(node),
                 config,
                 breaker,
                 redialing: std::sync::atomic::AtomicBool::new(false),
@@ -589,12 +718,22 @@ impl RedisStore {
         RedisConnection(Conn::clone(&self.inner.conn.load()))
     }
 
+    /// A redis-rs client for the node a single-node store is connected to now (the master
+    /// the Sentinels named last, with a Sentinel configuration); `None` on a cluster.
+    #[cfg_attr(not(any(feature = "lock", feature = "cache")), allow(dead_code))]
+    pub(crate) fn node_client(&self) -> Option<redis::Client> {
+        let node = self.inner.node.load();
+        let info = (**node).clone()?;
+        self.inner.config.client_for(info).ok()
+    }
+
     /// Opens a new connection to a single node that answered `READONLY`, in the background,
     /// and makes it the store's: the node's address now names a replica (a primary demoted
     /// by a failover), and redis-rs keeps a connection that answers, so only a new one,
     /// which resolves the name again, reaches the new primary behind a DNS name, a virtual
-    /// IP or a proxy. At most one redial at a time and one a second; calls go on over the
-    /// old connection meanwhile (and fail, which the breaker counts). A Redis Cluster
+    /// IP or a proxy. With Sentinels, the master is asked for again (also when the one held
+    /// cannot be reached). At most one redial at a time and one a second; calls go on over
+    /// the old connection meanwhile (and fail, which the breaker counts). A Redis Cluster
     /// follows its failovers by itself.
     fn redial(&self) {
         let inner = &self.inner;
@@ -619,22 +758,30 @@ impl RedisStore {
             let Some(config) = weak.upgrade().map(|inner| inner.config.clone()) else {
                 return;
             };
-            let dialled = connect_single(&config).await;
+            let dialled = match resolve(&config).await {
+                Ok(info) => connect_single(&config, info.clone())
+                    .await
+                    .map(|conn| (conn, info)),
+                Err(err) => Err(err),
+            };
             let Some(inner) = weak.upgrade() else {
                 return;
             };
+            let node = redact_url(&config.nodes[0]);
             match dialled {
-                Ok(conn) => {
+                Ok((conn, info)) => {
                     inner.conn.store(Arc::new(Conn::Single(conn)));
                     tracing::warn!(
-                        node = %config.nodes[0],
-                        "battlement: redis answered READONLY (a demoted primary); connected again"
+                        node,
+                        master = %info.addr(),
+                        "battlement: redis answered READONLY or could not be reached; connected again"
                     );
+                    inner.node.store(Arc::new(Some(info)));
                 }
                 Err(err) => tracing::warn!(
-                    node = %config.nodes[0],
+                    node,
                     error = %err,
-                    "battlement: redis answered READONLY (a demoted primary); connecting again failed"
+                    "battlement: redis answered READONLY or could not be reached; connecting again failed"
                 ),
             }
             inner.redialing.store(false, Ordering::Release);
@@ -686,10 +833,18 @@ impl RedisStore {
         }
         let timeout = self.inner.config.timeout;
         let result = tokio::time::timeout(timeout, call(self.connection())).await;
-        if let Ok(Err(err)) = &result
-            && err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
-        {
-            self.redial();
+        match &result {
+            Ok(Err(err))
+                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly) =>
+            {
+                self.redial()
+            }
+            // A master that cannot be reached may have been replaced: the Sentinels know.
+            Ok(Err(err)) if self.inner.config.sentinel.is_some() && err.is_io_error() => {
+                self.redial()
+            }
+            Err(_) if self.inner.config.sentinel.is_some() => self.redial(),
+            _ => {}
         }
         if !guarded {
             return match result {

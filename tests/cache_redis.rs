@@ -196,13 +196,24 @@ async fn a_thousand_misses_across_two_replicas_make_one_origin_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purge_on_one_replica_reaches_the_memory_tier_of_another() {
     let redis = RedisServer::start();
+    purge_reaches_the_memory_tier(&redis, || RedisConfig::single(redis.url())).await;
+}
+
+/// Through Redis Sentinel: entries and purge messages on the master it names (the purge
+/// listener subscribes there, not on the Sentinel).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_reaches_the_memory_tier_of_another_through_sentinel() {
+    let (master, _replica, sentinel) = support::Sentinel::with_pair("cache");
+    purge_reaches_the_memory_tier(&master, || RedisConfig::sentinel("cache", [sentinel.url()]))
+        .await;
+}
+
+async fn purge_reaches_the_memory_tier(redis: &RedisServer, config: impl Fn() -> RedisConfig) {
     let origin = Origin::default();
     let mut layers = Vec::new();
     let mut apps = Vec::new();
     for _ in 0..2 {
-        let store = RedisStore::connect(RedisConfig::single(redis.url()))
-            .await
-            .unwrap();
+        let store = RedisStore::connect(config()).await.unwrap();
         let layer = CacheLayer::builder().tiered(store).build();
         apps.push(
             Router::new()
@@ -215,7 +226,7 @@ async fn a_purge_on_one_replica_reaches_the_memory_tier_of_another() {
     // Give both subscribers time to subscribe.
     tokio::time::sleep(Duration::from_millis(200)).await;
     get_body(&apps[0], "/products/9").await;
-    stored(&redis).await;
+    stored(redis).await;
     // Replica 1 reads it from Redis into its memory tier, then serves it from there.
     let (_, _, cache) = get_body(&apps[1], "/products/9").await;
     assert!(cache.contains("hit"), "{cache}");

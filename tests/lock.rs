@@ -1222,3 +1222,34 @@ async fn a_pubsub_connection_given_up_is_closed() {
     assert_eq!(pubsub_clients(), 0, "a connection given up is still open");
     w1.abort();
 }
+
+/// Through Redis Sentinel: locks are taken on the master it names, and a waiter's release
+/// notifications come over a subscription on that master (not on the Sentinel, which
+/// also answers SUBSCRIBE but never hears the master's releases).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_locks_and_notifications_are_on_the_master() {
+    let (master, _replica, sentinel) = support::Sentinel::with_pair("locks");
+    let config =
+        || RedisConfig::sentinel("locks", [sentinel.url()]).timeout(Duration::from_millis(500));
+    let a = LockManager::redis(RedisStore::connect(config()).await.unwrap());
+    let b = LockManager::redis(RedisStore::connect(config()).await.unwrap());
+    let held = a.acquire("s", Duration::from_secs(1)).await.unwrap();
+    assert_eq!(master.command(&["EXISTS", "battlement:lock:{s}"]), "1");
+    let first = held.fencing_token();
+    let waiter = tokio::spawn(async move {
+        b.acquire("s", Duration::from_secs(5))
+            .await
+            .map(|g| g.fencing_token())
+    });
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let subscribers = master.command(&["PUBSUB", "NUMSUB", "battlement:lock:{s}:released"]);
+        if subscribers.lines().nth(1) == Some("1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no subscription on the master");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    held.release().await.unwrap();
+    assert!(waiter.await.unwrap().unwrap() > first);
+}

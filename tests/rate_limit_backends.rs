@@ -905,6 +905,102 @@ async fn a_failover_behind_the_dialled_name_is_followed() {
     );
 }
 
+/// Sends until a check is answered `200` (the store has found the new master), failing
+/// after `limit`; returns how many were refused first.
+async fn until_served(svc: &Svc, key: &str, limit: Duration, sentinel: &support::Sentinel) -> u32 {
+    let deadline = std::time::Instant::now() + limit;
+    let mut refused = 0;
+    loop {
+        let status = send(svc, key, &[]).await.status;
+        if status == StatusCode::OK {
+            return refused;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        refused += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still refused after {refused} requests; sentinel log:\n{}",
+            sentinel.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn sentinel_store_config(sentinel: &support::Sentinel) -> RedisConfig {
+    RedisConfig::sentinel("orders", [sentinel.url()])
+        .timeout(Duration::from_millis(200))
+        .circuit_breaker(3, Duration::from_millis(200))
+}
+
+/// Through Redis Sentinel: the store asks for the master, and after a failover (the old
+/// master demoted to a replica, answering `READONLY`) asks again and serves from the new
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_is_followed() {
+    let (master, replica, sentinel) = support::Sentinel::with_pair("orders");
+    let store = connect(sentinel_store_config(&sentinel)).await;
+    let svc = Store::Redis(store.clone(), FailurePolicy::Closed).service(
+        builder("sentinel").policy("p", Quota::requests_per(1000, Duration::from_secs(60))),
+    );
+    assert_eq!(send(&svc, "before", &[]).await.status, StatusCode::OK);
+    let key = |k: &str| store.key("rl:sentinel", &k);
+    assert_eq!(master.command(&["EXISTS", &key("before")]), "1");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = sentinel.command(&["SENTINEL", "FAILOVER", "orders"]);
+        if answer == "OK" {
+            break;
+        }
+        // NOGOODSLAVE until the Sentinel has its replica's details.
+        assert!(std::time::Instant::now() < deadline, "{answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The Sentinel promotes the replica, then turns the old master into its replica
+    // (until then the old master still takes writes: Redis's failover window).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while sentinel.master_port("orders") != replica.port()
+        || master.info_field("replication", "role").as_deref() != Some("slave")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", sentinel.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_served(&svc, "after", Duration::from_secs(15), &sentinel).await;
+    assert_eq!(replica.command(&["EXISTS", &key("after")]), "1");
+    assert_eq!(
+        replica.info_field("replication", "role").as_deref(),
+        Some("master")
+    );
+}
+
+/// Through Redis Sentinel, the master killed: calls fail to connect until the Sentinel
+/// has promoted the replica; the store asks again and serves from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_promotion_after_the_master_dies_is_followed() {
+    let (mut master, replica, sentinel) = support::Sentinel::with_pair("orders");
+    let store = connect(sentinel_store_config(&sentinel)).await;
+    let svc = Store::Redis(store.clone(), FailurePolicy::Closed).service(
+        builder("sentinel").policy("p", Quota::requests_per(1000, Duration::from_secs(60))),
+    );
+    assert_eq!(send(&svc, "before", &[]).await.status, StatusCode::OK);
+    master.stop();
+    let refused = until_served(&svc, "after", Duration::from_secs(30), &sentinel).await;
+    assert!(refused > 0, "the dead master refused first");
+    assert_eq!(sentinel.master_port("orders"), replica.port());
+    let key = store.key("rl:sentinel", &"after");
+    assert_eq!(replica.command(&["EXISTS", &key]), "1");
+}
+
+/// A Sentinel that knows no such master is a configuration error at connect, named.
+#[tokio::test]
+async fn an_unknown_sentinel_master_is_refused_at_connect() {
+    let (_master, _replica, sentinel) = support::Sentinel::with_pair("orders");
+    let error = RedisStore::connect(RedisConfig::sentinel("nope", [sentinel.url()]))
+        .await
+        .expect_err("no master named nope");
+    assert!(error.to_string().contains("\"nope\""), "{error}");
+}
+
 /// Two layers (or replicas of two versions, one with a policy more) sharing a key name:
 /// each keeps the key alive as long as its own buckets need, never cutting short another's
 /// (a one-second burst policy must not expire a daily policy's state).

@@ -178,7 +178,6 @@ impl RedisLockBackend {
             .iter()
             .map(|store| {
                 Arc::new_cyclic(|me| Notifier {
-                    url: store.config().nodes().first().cloned().unwrap_or_default(),
                     store: store.clone(),
                     sink: tokio::sync::Mutex::new(None),
                     sharded: tokio::sync::Mutex::new(None),
@@ -725,7 +724,6 @@ impl Drop for Link {
 
 /// One pub/sub connection to one node, shared by every waiter of the process.
 struct Notifier {
-    url: String,
     /// For the channel names of the lock names waited on.
     store: RedisStore,
     /// The connection (numbered, so a listener whose connection has been replaced leaves
@@ -885,7 +883,7 @@ impl Notifier {
 
     /// Opens a pub/sub connection and starts the task that wakes waiters on its messages.
     async fn connect(&self, waiters: Weak<WaitList>) -> Option<Link> {
-        let client = self.store.config().client(&self.url).ok()?;
+        let client = self.store.node_client()?;
         let pubsub = client.get_async_pubsub().await.ok()?;
         let (sink, stream) = pubsub.split();
         let number = self.connections.fetch_add(1, Ordering::Relaxed) + 1;

@@ -992,3 +992,112 @@ impl Drop for TlsFiles {
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Redis Sentinel
+// ---------------------------------------------------------------------------
+
+/// A real Redis Sentinel (`redis-server --sentinel`) watching one master with a quorum of
+/// one, quick to act: the master is taken for down after one second.
+pub struct Sentinel {
+    port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Sentinel {
+    /// Starts a Sentinel watching `master` under `name`. Start the master's replicas (and
+    /// let them sync) first: the Sentinel learns them from the master at once.
+    pub fn start(name: &str, master: &RedisServer) -> Sentinel {
+        require_program(REDIS_SERVER);
+        let port = free_port();
+        let dir = fresh_dir(port);
+        let conf = dir.join("sentinel.conf");
+        fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 5000\n",
+                dir.display(),
+                master.port()
+            ),
+        )
+        .expect("write sentinel.conf");
+        let log = fs::File::create(dir.join(LOG_FILE)).expect("sentinel log");
+        let child = Command::new(REDIS_SERVER)
+            .arg(&conf)
+            .arg("--sentinel")
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start a Sentinel: {e}"));
+        let sentinel = Sentinel { port, dir, child };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !is_pong(&sentinel.addr()) {
+            assert!(
+                Instant::now() < deadline,
+                "the Sentinel never answered PING: {}",
+                read_log(&sentinel.dir)
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        sentinel
+    }
+
+    /// A master and its replica (synced), watched by a Sentinel under `name`.
+    pub fn with_pair(name: &str) -> (RedisServer, RedisServer, Sentinel) {
+        let master = RedisServer::start();
+        let replica = RedisServer::start();
+        let port = master.port().to_string();
+        assert_eq!(replica.command(&["REPLICAOF", "127.0.0.1", &port]), "OK");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while replica
+            .info_field("replication", "master_link_status")
+            .as_deref()
+            != Some("up")
+        {
+            assert!(Instant::now() < deadline, "the replica never synced");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let sentinel = Sentinel::start(name, &master);
+        (master, replica, sentinel)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn command(&self, args: &[&str]) -> String {
+        resp_command(&self.addr(), args, COMMAND_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{args:?} on the Sentinel: {e}"))
+            .to_text()
+    }
+
+    /// The port of the master the Sentinel names now.
+    pub fn master_port(&self, name: &str) -> u16 {
+        let reply = self.command(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", name]);
+        reply
+            .lines()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        read_log(&self.dir)
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

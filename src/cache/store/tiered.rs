@@ -64,7 +64,12 @@ async fn listen(store: Weak<TieredStore>) {
             let nodes = config.nodes();
             (!nodes.is_empty()).then(|| {
                 (
-                    config.client(&nodes[attempt % nodes.len()]),
+                    // A single node (or the Sentinels' master): the node the store is
+                    // connected to now; on a cluster, any node, in turn.
+                    match s.publisher.node_client() {
+                        Some(client) => Ok(client),
+                        None => config.client(&nodes[attempt % nodes.len()]),
+                    },
                     s.channel.clone(),
                     s.memory.clone(),
                     s.versions.clone(),
