@@ -12,7 +12,7 @@
 //! | variable | default |
 //! |---|---|
 //! | `BIND` | `127.0.0.1:3000` |
-//! | `REDIS_URL` | unset: in memory; `redis://host:port` (a node, or any node of a cluster), or a comma-separated cluster node list |
+//! | `REDIS_URL` | unset: in memory; `redis://host:port` (a node, or any node of a cluster), a comma-separated cluster node list, or `redis+sentinel://host:26379,host2:26379/mymaster` (a master found through Redis Sentinel) |
 //! | `TRUSTED_PROXIES` | none: CIDR list whose `X-Forwarded-For` is believed |
 //! | `RATE_LIMIT_PER_MINUTE` | `600` per client IP on `/products` and `/orders` |
 //! | `ORDER_RATE_LIMIT_PER_MINUTE` | `60` per token subject on `POST /orders` |
@@ -435,16 +435,20 @@ impl Backend {
             };
         };
         let config = RedisConfig::from_list(url).unwrap_or_else(|e| fail("REDIS_URL", e));
-        let kind = if config.is_cluster() {
-            "redis cluster"
-        } else {
-            "redis"
-        };
         let store = RedisStore::connect(config)
             .await
             .unwrap_or_else(|e| fail("REDIS_URL", e));
+        let config = store.config();
+        let kind = if config.is_cluster() {
+            "redis cluster"
+        } else if config.is_sentinel() {
+            "redis sentinel"
+        } else {
+            "redis"
+        };
         Self {
-            name: format!("{kind} at {url}"),
+            // No password in the log.
+            name: format!("{kind} at {}", config.redacted_nodes().join(",")),
             redis: Some(store),
         }
     }

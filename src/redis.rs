@@ -85,9 +85,8 @@ struct SentinelMaster {
 
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let nodes: Vec<String> = self.nodes.iter().map(|n| redact_url(n)).collect();
         let mut out = f.debug_struct("RedisConfig");
-        out.field("nodes", &nodes)
+        out.field("nodes", &self.redacted_nodes())
             .field("cluster", &self.cluster)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -99,6 +98,25 @@ impl fmt::Debug for RedisConfig {
         out.field("tls", &self.tls);
         out.finish()
     }
+}
+
+/// `%XX` escapes decoded (as in a URL's password); `None` for a bad escape or bytes that are
+/// not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `url` with its user and password (everything before the `@` of the authority) replaced
@@ -135,8 +153,13 @@ impl RedisConfig {
 
     /// A comma-separated list: one URL is a single node (or, if that node belongs to a Redis
     /// Cluster, the cluster it belongs to: [`RedisStore::connect`] finds out), several are
-    /// cluster nodes.
+    /// cluster nodes. `redis+sentinel://[user:password@]host:port[,host:port...]/master` is
+    /// a master found through those Sentinels (see [`sentinel`](Self::sentinel); the
+    /// credentials are the master's; `rediss+sentinel://` for TLS).
     pub fn from_list(list: &str) -> Result<Self, StoreError> {
+        if let Some(config) = Self::from_sentinel_url(list.trim())? {
+            return Ok(config);
+        }
         // A comma inside a URL's credentials (`redis://:p,w@host`) does not separate nodes:
         // a piece with no scheme that holds an `@` continues the one before.
         let mut pieces: Vec<String> = Vec::new();
@@ -166,6 +189,50 @@ impl RedisConfig {
             1 => Ok(Self::with_nodes(nodes, false)),
             _ => Ok(Self::with_nodes(nodes, true)),
         }
+    }
+
+    /// `redis+sentinel://[user:password@]host:port[,host:port]/master`, or `None` for
+    /// another scheme.
+    fn from_sentinel_url(url: &str) -> Result<Option<Self>, StoreError> {
+        let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            ("redis", rest)
+        } else if let Some(rest) = url.strip_prefix("rediss+sentinel://") {
+            ("rediss", rest)
+        } else {
+            return Ok(None);
+        };
+        let bad = |why: &str| StoreError::Config(format!("{}: {why}", redact_url(url)));
+        let (authority, path) = rest
+            .split_once('/')
+            .ok_or_else(|| bad("no master name after the Sentinels"))?;
+        let master = path.trim_end_matches('/');
+        if master.is_empty() || master.contains('/') {
+            return Err(bad("the path must be the master's name"));
+        }
+        let (auth, hosts) = match authority.rsplit_once('@') {
+            Some((auth, hosts)) => (Some(auth), hosts),
+            None => (None, authority),
+        };
+        let sentinels: Vec<String> = hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("{scheme}://{h}/"))
+            .collect();
+        if sentinels.is_empty() {
+            return Err(bad("no Sentinel address"));
+        }
+        let mut config = Self::sentinel(master, sentinels);
+        if let Some(auth) = auth {
+            let (user, password) = match auth.split_once(':') {
+                Some((user, password)) => ((!user.is_empty()).then_some(user), password),
+                None => (None, auth),
+            };
+            let decoded = percent_decode(password)
+                .ok_or_else(|| bad("the password is not valid percent-encoding"))?;
+            config = config.sentinel_master_auth(user, &decoded);
+        }
+        Ok(Some(config))
     }
 
     fn with_nodes(nodes: Vec<String>, cluster: bool) -> Self {
@@ -213,6 +280,11 @@ impl RedisConfig {
             master.password = Some(password.to_owned());
         }
         self
+    }
+
+    /// The node URLs with their credentials shown as `***`, for logs.
+    pub fn redacted_nodes(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| redact_url(n)).collect()
     }
 
     /// Whether the nodes are Redis Sentinels (see [`sentinel`](Self::sentinel)).
@@ -949,6 +1021,34 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sentinel_urls_name_the_sentinels_and_the_master() {
+        let c =
+            RedisConfig::from_list("redis+sentinel://:p%40ss@s1:26379,s2:26380/orders").unwrap();
+        assert!(c.is_sentinel() && !c.is_cluster());
+        assert_eq!(c.nodes(), ["redis://s1:26379/", "redis://s2:26380/"]);
+        let master = c.sentinel.as_ref().unwrap();
+        assert_eq!(master.name, "orders");
+        assert_eq!(master.username, None);
+        assert_eq!(master.password.as_deref(), Some("p@ss"));
+        let c = RedisConfig::from_list("rediss+sentinel://app:pw@s1:26379/m/").unwrap();
+        assert_eq!(c.nodes(), ["rediss://s1:26379/"]);
+        let master = c.sentinel.as_ref().unwrap();
+        assert_eq!(
+            (master.username.as_deref(), master.name.as_str()),
+            (Some("app"), "m")
+        );
+        for bad in [
+            "redis+sentinel://s1:26379",
+            "redis+sentinel://s1:26379/",
+            "redis+sentinel:///m",
+            "redis+sentinel://:%zz@s1/m",
+        ] {
+            let error = RedisConfig::from_list(bad).expect_err(bad).to_string();
+            assert!(!error.contains("%zz"), "{error}");
+        }
+    }
 
     #[test]
     fn debug_output_hides_credentials() {

@@ -279,6 +279,7 @@ async fn two_copies_behave_as_one(redis_url: &str, backend: &str) {
             copy.name,
             copy.log()
         );
+        assert!(!copy.log().contains("s3cret"), "a password reached the log");
     }
     let copies = [&a, &b];
 
@@ -551,4 +552,28 @@ async fn two_copies_on_one_redis_behave_as_one_service() {
 async fn two_copies_on_a_redis_cluster_behave_as_one_service() {
     let cluster = RedisCluster::start();
     two_copies_behave_as_one(&cluster.urls().join(","), "redis cluster").await;
+}
+
+/// Through Redis Sentinel (`REDIS_URL=redis+sentinel://...`), and with a password on the
+/// master that the demo's log line never shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_through_redis_sentinel_behave_as_one_service() {
+    let (master, replica, sentinel) = support::Sentinel::with_pair("demo");
+    // The Sentinel and the replica learn the password before the master asks for it.
+    assert_eq!(
+        sentinel.command(&["SENTINEL", "SET", "demo", "auth-pass", "s3cret-pw"]),
+        "OK"
+    );
+    for node in [&master, &replica] {
+        assert_eq!(
+            node.command(&["CONFIG", "SET", "masterauth", "s3cret-pw"]),
+            "OK"
+        );
+    }
+    assert_eq!(
+        master.command(&["CONFIG", "SET", "requirepass", "s3cret-pw"]),
+        "OK"
+    );
+    let url = format!("redis+sentinel://:s3cret-pw@{}/demo", sentinel.addr());
+    two_copies_behave_as_one(&url, "redis sentinel").await;
 }

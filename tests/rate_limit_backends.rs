@@ -927,7 +927,9 @@ async fn until_served(svc: &Svc, key: &str, limit: Duration, sentinel: &support:
 }
 
 fn sentinel_store_config(sentinel: &support::Sentinel) -> RedisConfig {
-    RedisConfig::sentinel("orders", [sentinel.url()])
+    // The URL form, as in `REDIS_URL`.
+    RedisConfig::from_list(&format!("redis+sentinel://{}/orders", sentinel.addr()))
+        .unwrap()
         .timeout(Duration::from_millis(200))
         .circuit_breaker(3, Duration::from_millis(200))
 }
