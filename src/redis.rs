@@ -807,7 +807,7 @@ impl RedisStore {
     /// cannot be reached). At most one redial at a time and one a second; calls go on over
     /// the old connection meanwhile (and fail, which the breaker counts). A Redis Cluster
     /// follows its failovers by itself.
-    fn redial(&self) {
+    fn redial(&self, demoted: bool) {
         let inner = &self.inner;
         if !matches!(**inner.conn.load(), Conn::Single(_)) {
             return;
@@ -830,14 +830,29 @@ impl RedisStore {
             let Some(config) = weak.upgrade().map(|inner| inner.config.clone()) else {
                 return;
             };
-            let dialled = match resolve(&config).await {
+            let resolved = resolve(&config).await;
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            // An unreachable master that the Sentinels still name: redis-rs reconnects to
+            // it by itself; a new connection would only add one more to retry.
+            if !demoted
+                && let Ok(info) = &resolved
+                && inner
+                    .node
+                    .load()
+                    .as_ref()
+                    .as_ref()
+                    .is_some_and(|node| node.addr() == info.addr())
+            {
+                inner.redialing.store(false, Ordering::Release);
+                return;
+            }
+            let dialled = match resolved {
                 Ok(info) => connect_single(&config, info.clone())
                     .await
                     .map(|conn| (conn, info)),
                 Err(err) => Err(err),
-            };
-            let Some(inner) = weak.upgrade() else {
-                return;
             };
             let node = redact_url(&config.nodes[0]);
             match dialled {
@@ -909,13 +924,13 @@ impl RedisStore {
             Ok(Err(err))
                 if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly) =>
             {
-                self.redial()
+                self.redial(true)
             }
             // A master that cannot be reached may have been replaced: the Sentinels know.
             Ok(Err(err)) if self.inner.config.sentinel.is_some() && err.is_io_error() => {
-                self.redial()
+                self.redial(false)
             }
-            Err(_) if self.inner.config.sentinel.is_some() => self.redial(),
+            Err(_) if self.inner.config.sentinel.is_some() => self.redial(false),
             _ => {}
         }
         if !guarded {
