@@ -993,6 +993,48 @@ async fn sentinel_promotion_after_the_master_dies_is_followed() {
     assert_eq!(replica.command(&["EXISTS", &key]), "1");
 }
 
+/// Through Redis Sentinel, a master that is only slow (calls time out, the Sentinels still
+/// name it): the store keeps its connection rather than open a new one every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_slowness_opens_no_new_connections() {
+    let (master, _replica, sentinel) = support::Sentinel::with_pair("orders");
+    let store = connect(sentinel_store_config(&sentinel)).await;
+    let svc = Store::Redis(store.clone(), FailurePolicy::Closed).service(
+        builder("slow").policy("p", Quota::requests_per(100_000, Duration::from_secs(60))),
+    );
+    assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
+    let connections = || {
+        master
+            .info_field("stats", "total_connections_received")
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = connections();
+    // Writes wait 2.5 s (shorter than the Sentinel's down-after: no failover); every call
+    // meanwhile times out.
+    master.pause_writes(Duration::from_millis(2500));
+    let until = std::time::Instant::now() + Duration::from_millis(2500);
+    let mut timed_out = 0;
+    while std::time::Instant::now() < until {
+        if send(&svc, "k", &[]).await.status == StatusCode::SERVICE_UNAVAILABLE {
+            timed_out += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(timed_out > 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
+    // New connections: this test's own (the pause, and the INFO below), none of the
+    // store's.
+    let after = connections();
+    assert!(
+        after <= before + 2,
+        "{} new connections to the master: {}",
+        after - before,
+        master.command(&["CLIENT", "LIST"])
+    );
+}
+
 /// A Sentinel that knows no such master is a configuration error at connect, named.
 #[tokio::test]
 async fn an_unknown_sentinel_master_is_refused_at_connect() {
