@@ -109,6 +109,9 @@ fn percent_decode(text: &str) -> Option<String> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = text.get(i + 1..i + 3)?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -119,17 +122,40 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// `url` with its user and password (everything before the `@` of the authority) replaced
-/// by `***`, for logs.
+/// `url` with its credentials shown as `***`, for logs and errors: everything before the
+/// last `@` after the scheme (a password may hold an unencoded `/`, `?` or `#`; an `@`
+/// further on only hides more), and `pass`/`password` query values (which redis-rs also
+/// reads).
 fn redact_url(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let sep = if scheme.is_empty() { "" } else { "://" };
-            format!("{scheme}{sep}***{}", &rest[at..])
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let rest = match rest.rfind('@') {
+        Some(at) => format!("***{}", &rest[at..]),
+        None => rest.to_owned(),
+    };
+    let rest = match rest.split_once('?') {
+        Some((before, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _))
+                        if key.eq_ignore_ascii_case("pass")
+                            || key.eq_ignore_ascii_case("password") =>
+                    {
+                        format!("{key}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{before}?{}", query.join("&"))
         }
-        None => url.to_owned(),
+        None => rest,
+    };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{rest}"),
+        None => rest,
     }
 }
 
@@ -202,17 +228,18 @@ impl RedisConfig {
             return Ok(None);
         };
         let bad = |why: &str| StoreError::Config(format!("{}: {why}", redact_url(url)));
-        let (authority, path) = rest
+        // Credentials end at the last `@` (a password may hold an unencoded `/`).
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((auth, rest)) => (Some(auth), rest),
+            None => (None, rest),
+        };
+        let (hosts, path) = rest
             .split_once('/')
             .ok_or_else(|| bad("no master name after the Sentinels"))?;
         let master = path.trim_end_matches('/');
         if master.is_empty() || master.contains('/') {
             return Err(bad("the path must be the master's name"));
         }
-        let (auth, hosts) = match authority.rsplit_once('@') {
-            Some((auth, hosts)) => (Some(auth), hosts),
-            None => (None, authority),
-        };
         let sentinels: Vec<String> = hosts
             .split(',')
             .map(str::trim)
@@ -228,9 +255,12 @@ impl RedisConfig {
                 Some((user, password)) => ((!user.is_empty()).then_some(user), password),
                 None => (None, auth),
             };
-            let decoded = percent_decode(password)
-                .ok_or_else(|| bad("the password is not valid percent-encoding"))?;
-            config = config.sentinel_master_auth(user, &decoded);
+            let decode = |text: &str| {
+                percent_decode(text)
+                    .ok_or_else(|| bad("the credentials are not valid percent-encoding"))
+            };
+            let user = user.map(decode).transpose()?;
+            config = config.sentinel_master_auth(user.as_deref(), &decode(password)?);
         }
         Ok(Some(config))
     }
@@ -355,7 +385,10 @@ impl RedisConfig {
         #[allow(unused_mut)]
         let mut builder = redis::cluster::ClusterClientBuilder::new(self.nodes.clone());
         #[cfg(feature = "redis-tls")]
-        if self.nodes.iter().any(|n| n.starts_with("rediss://")) {
+        if self.nodes.iter().any(|n| {
+            redis::IntoConnectionInfo::into_connection_info(n.as_str())
+                .is_ok_and(|info| matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }))
+        }) {
             tls_provider();
             if let Some(certs) = &self.tls {
                 builder = builder.certs(certs.clone());
@@ -590,6 +623,11 @@ struct Inner {
     /// last one started: at most one at a time, and one a second.
     redialing: std::sync::atomic::AtomicBool,
     redialed_at: AtomicU64,
+    /// The Sentinel that named the master last: asked first next time.
+    sentinel: std::sync::atomic::AtomicUsize,
+    /// The runtime the store was made on, which redials run on (the runtime of the request
+    /// that set one off may be gone before it ends).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// The least time between two redials of a single node that answers `READONLY`.
@@ -626,65 +664,135 @@ async fn connect_cluster(config: &RedisConfig) -> Result<Conn, StoreError> {
     Ok(Conn::Cluster(conn))
 }
 
-/// The node a single-node store connects to: its URL, or the master the Sentinels name.
-async fn resolve(config: &RedisConfig) -> Result<redis::ConnectionInfo, StoreError> {
+/// What [`dial`] connected to.
+struct Dialled {
+    conn: ConnectionManager,
+    node: redis::ConnectionInfo,
+    /// The Sentinel that named it (0 without Sentinels): the next redial asks it first.
+    sentinel: usize,
+}
+
+/// Connects a single-node store: to its URL, or to the master the Sentinels name, asking
+/// them in turn from the `start`th (the last that answered well) and keeping only a node
+/// that says it is a master (a Sentinel cut off from the others may still name the old
+/// one). `verify` asks a plain node too (a redial after `READONLY` that reaches the same
+/// replica again is no better than the connection it would replace).
+async fn dial(config: &RedisConfig, start: usize, verify: bool) -> Result<Dialled, StoreError> {
     let Some(master) = &config.sentinel else {
-        return Ok(redis::IntoConnectionInfo::into_connection_info(
-            config.nodes[0].as_str(),
-        )?);
+        let node = redis::IntoConnectionInfo::into_connection_info(config.nodes[0].as_str())?;
+        let conn = connect_single(config, node.clone()).await?;
+        if verify && !is_master(&conn, config.connect_timeout).await {
+            return Err(StoreError::Protocol(format!(
+                "{} is a replica",
+                redact_url(&config.nodes[0])
+            )));
+        }
+        return Ok(Dialled {
+            conn,
+            node,
+            sentinel: 0,
+        });
     };
+    let count = config.nodes.len();
     let mut failure = None;
-    for sentinel in &config.nodes {
-        let asked = async {
-            let mut conn = config
-                .client(sentinel)?
-                .get_multiplexed_async_connection()
-                .await?;
-            redis::cmd("SENTINEL")
-                .arg("GET-MASTER-ADDR-BY-NAME")
-                .arg(&master.name)
-                .query_async::<Option<(String, u16)>>(&mut conn)
-                .await
-        };
-        match tokio::time::timeout(config.connect_timeout, asked).await {
-            Ok(Ok(Some((host, port)))) => {
-                let tls = sentinel.starts_with("rediss://");
-                let addr = if tls {
-                    redis::ConnectionAddr::TcpTls {
-                        host,
-                        port,
-                        insecure: false,
-                        tls_params: None,
-                    }
-                } else {
-                    redis::ConnectionAddr::Tcp(host, port)
-                };
-                let mut settings = redis::RedisConnectionInfo::default();
-                if let Some(user) = &master.username {
-                    settings = settings.set_username(user);
-                }
-                if let Some(password) = &master.password {
-                    settings = settings.set_password(password);
-                }
-                let base = redis::IntoConnectionInfo::into_connection_info(if tls {
-                    "rediss://127.0.0.1/"
-                } else {
-                    "redis://127.0.0.1/"
-                })?;
-                return Ok(base.set_addr(addr).set_redis_settings(settings));
+    for k in 0..count {
+        let sentinel = (start + k) % count;
+        let node = match ask_sentinel(config, master, sentinel).await {
+            Ok(node) => node,
+            Err(err) => {
+                failure = Some(err);
+                continue;
             }
-            Ok(Ok(None)) => {
-                failure = Some(StoreError::Config(format!(
-                    "the Sentinel at {} knows no master named {:?}",
-                    redact_url(sentinel),
+        };
+        match connect_single(config, node.clone()).await {
+            Ok(conn) if is_master(&conn, config.connect_timeout).await => {
+                return Ok(Dialled {
+                    conn,
+                    node,
+                    sentinel,
+                });
+            }
+            Ok(_) => {
+                failure = Some(StoreError::Protocol(format!(
+                    "the Sentinel at {} names {} as master {:?}, and it is a replica",
+                    redact_url(&config.nodes[sentinel]),
+                    node.addr(),
                     master.name
                 )))
             }
-            Ok(Err(err)) => failure = Some(StoreError::Redis(err)),
-            Err(_) => failure = Some(StoreError::Timeout(config.connect_timeout)),
+            Err(err) => failure = Some(err),
         }
     }
     Err(failure.unwrap_or_else(|| StoreError::Config("no Sentinel given".into())))
+}
+
+/// The address Sentinel `index` gives for the master, with the master's credentials, over
+/// TLS when the Sentinel is reached over TLS.
+async fn ask_sentinel(
+    config: &RedisConfig,
+    master: &SentinelMaster,
+    index: usize,
+) -> Result<redis::ConnectionInfo, StoreError> {
+    let url = &config.nodes[index];
+    let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())?;
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    let asked = async {
+        let mut conn = config
+            .client_for(info)?
+            .get_multiplexed_async_connection()
+            .await?;
+        redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(&master.name)
+            .query_async::<Option<(String, u16)>>(&mut conn)
+            .await
+    };
+    let (host, port) = match tokio::time::timeout(config.connect_timeout, asked).await {
+        Ok(Ok(Some(addr))) => addr,
+        Ok(Ok(None)) => {
+            return Err(StoreError::Config(format!(
+                "the Sentinel at {} knows no master named {:?}",
+                redact_url(url),
+                master.name
+            )));
+        }
+        Ok(Err(err)) => return Err(StoreError::Redis(err)),
+        Err(_) => return Err(StoreError::Timeout(config.connect_timeout)),
+    };
+    let addr = if tls {
+        redis::ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        redis::ConnectionAddr::Tcp(host, port)
+    };
+    let mut settings = redis::RedisConnectionInfo::default();
+    if let Some(user) = &master.username {
+        settings = settings.set_username(user);
+    }
+    if let Some(password) = &master.password {
+        settings = settings.set_password(password);
+    }
+    let base = redis::IntoConnectionInfo::into_connection_info("redis://127.0.0.1/")?;
+    Ok(base.set_addr(addr).set_redis_settings(settings))
+}
+
+/// Whether the node behind `conn` says it is a master (`ROLE`). A node that cannot be
+/// asked (an ACL without `ROLE`, no answer in time) is taken at its word.
+async fn is_master(conn: &ConnectionManager, limit: Duration) -> bool {
+    let mut conn = conn.clone();
+    let role = redis::cmd("ROLE");
+    match tokio::time::timeout(limit, role.query_async::<Value>(&mut conn)).await {
+        Ok(Ok(Value::Array(items))) => match items.first() {
+            Some(Value::BulkString(role)) => role.as_slice() == b"master",
+            Some(Value::SimpleString(role)) => role == "master",
+            _ => true,
+        },
+        _ => true,
+    }
 }
 
 async fn connect_single(
@@ -718,6 +826,17 @@ async fn connect_single(
     Ok(conn)
 }
 
+/// Whether `err` says the node is a replica: `READONLY`, also as Redis before 7.0 reports
+/// it from inside a script (`ERR Error running script ... -READONLY You can't write
+/// against a read only replica.`).
+fn read_only(err: &redis::RedisError) -> bool {
+    err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        || (matches!(err.kind(), redis::ErrorKind::Server(_))
+            && err
+                .detail()
+                .is_some_and(|d| d.contains("READONLY You can't write")))
+}
+
 impl RedisStore {
     /// Connects to Redis. Fails if no connection can be opened now; once connected, the
     /// store reconnects by itself after Redis goes away and comes back.
@@ -729,16 +848,18 @@ impl RedisStore {
             )));
         }
         let mut node = None;
+        let mut sentinel = 0;
         let conn = if config.cluster {
             connect_cluster(&config).await?
         } else if config.sentinel.is_some() {
-            let info = resolve(&config).await?;
-            node = Some(info.clone());
-            Conn::Single(connect_single(&config, info).await?)
+            let dialled = dial(&config, 0, false).await?;
+            node = Some(dialled.node);
+            sentinel = dialled.sentinel;
+            Conn::Single(dialled.conn)
         } else {
-            let info = resolve(&config).await?;
-            node = Some(info.clone());
-            let single = connect_single(&config, info).await?;
+            let dialled = dial(&config, 0, false).await?;
+            node = Some(dialled.node);
+            let single = dialled.conn;
             // One URL that names a node of a Redis Cluster: the whole cluster, seeded from
             // it (as a single node, every key in another node's slots would be refused
             // with MOVED).
@@ -773,6 +894,8 @@ impl RedisStore {
                 breaker,
                 redialing: std::sync::atomic::AtomicBool::new(false),
                 redialed_at: AtomicU64::new(0),
+                sentinel: std::sync::atomic::AtomicUsize::new(sentinel),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         })
     }
@@ -807,9 +930,11 @@ impl RedisStore {
     /// cannot be reached). At most one redial at a time and one a second; calls go on over
     /// the old connection meanwhile (and fail, which the breaker counts). A Redis Cluster
     /// follows its failovers by itself.
-    fn redial(&self, demoted: bool) {
+    fn redial(&self, used: &Arc<Conn>, demoted: bool) {
         let inner = &self.inner;
-        if !matches!(**inner.conn.load(), Conn::Single(_)) {
+        // Only single nodes; and not for an answer from a connection already replaced (a
+        // call still running on it when the redial ended).
+        if !matches!(**used, Conn::Single(_)) || !Arc::ptr_eq(used, &inner.conn.load()) {
             return;
         }
         let now = inner.breaker.now();
@@ -817,53 +942,67 @@ impl RedisStore {
         if last != 0 && now.saturating_sub(last) < REDIAL_INTERVAL.as_nanos() as u64 {
             return;
         }
+        let Some(runtime) = inner
+            .runtime
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+        else {
+            return;
+        };
         if inner.redialing.swap(true, Ordering::AcqRel) {
             return;
         }
         inner.redialed_at.store(now, Ordering::Release);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            inner.redialing.store(false, Ordering::Release);
-            return;
-        };
+        /// Ends a redial however its task ends (finished, or dropped with its runtime).
+        struct Done(std::sync::Weak<Inner>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                if let Some(inner) = self.0.upgrade() {
+                    inner
+                        .redialed_at
+                        .store(inner.breaker.now(), Ordering::Release);
+                    inner.redialing.store(false, Ordering::Release);
+                }
+            }
+        }
         let weak = Arc::downgrade(inner);
         runtime.spawn(async move {
+            let _done = Done(weak.clone());
             let Some(config) = weak.upgrade().map(|inner| inner.config.clone()) else {
                 return;
             };
-            let resolved = resolve(&config).await;
+            let start = weak
+                .upgrade()
+                .map_or(0, |inner| inner.sentinel.load(Ordering::Acquire));
+            // An unreachable master that the Sentinels still name: redis-rs reconnects to
+            // it by itself; a new connection would only add one more to retry.
+            if !demoted && let Some(master) = &config.sentinel {
+                let named = ask_sentinel(&config, master, start % config.nodes.len()).await;
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let current = inner.node.load();
+                if let (Ok(named), Some(current)) = (&named, current.as_ref())
+                    && named.addr() == current.addr()
+                {
+                    return;
+                }
+            }
+            let dialled = dial(&config, start, true).await;
             let Some(inner) = weak.upgrade() else {
                 return;
             };
-            // An unreachable master that the Sentinels still name: redis-rs reconnects to
-            // it by itself; a new connection would only add one more to retry.
-            if !demoted
-                && let Ok(info) = &resolved
-                && inner
-                    .node
-                    .load()
-                    .as_ref()
-                    .as_ref()
-                    .is_some_and(|node| node.addr() == info.addr())
-            {
-                inner.redialing.store(false, Ordering::Release);
-                return;
-            }
-            let dialled = match resolved {
-                Ok(info) => connect_single(&config, info.clone())
-                    .await
-                    .map(|conn| (conn, info)),
-                Err(err) => Err(err),
-            };
             let node = redact_url(&config.nodes[0]);
             match dialled {
-                Ok((conn, info)) => {
-                    inner.conn.store(Arc::new(Conn::Single(conn)));
+                Ok(dialled) => {
                     tracing::warn!(
                         node,
-                        master = %info.addr(),
+                        master = %dialled.node.addr(),
                         "battlement: redis answered READONLY or could not be reached; connected again"
                     );
-                    inner.node.store(Arc::new(Some(info)));
+                    inner.conn.store(Arc::new(Conn::Single(dialled.conn)));
+                    inner.node.store(Arc::new(Some(dialled.node)));
+                    inner.sentinel.store(dialled.sentinel, Ordering::Release);
                 }
                 Err(err) => tracing::warn!(
                     node,
@@ -871,7 +1010,6 @@ impl RedisStore {
                     "battlement: redis answered READONLY or could not be reached; connecting again failed"
                 ),
             }
-            inner.redialing.store(false, Ordering::Release);
         });
     }
 
@@ -919,18 +1057,15 @@ impl RedisStore {
             return Err(StoreError::CircuitOpen);
         }
         let timeout = self.inner.config.timeout;
-        let result = tokio::time::timeout(timeout, call(self.connection())).await;
+        let used = self.inner.conn.load_full();
+        let result = tokio::time::timeout(timeout, call(RedisConnection(Conn::clone(&used)))).await;
         match &result {
-            Ok(Err(err))
-                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly) =>
-            {
-                self.redial(true)
-            }
+            Ok(Err(err)) if read_only(err) => self.redial(&used, true),
             // A master that cannot be reached may have been replaced: the Sentinels know.
             Ok(Err(err)) if self.inner.config.sentinel.is_some() && err.is_io_error() => {
-                self.redial(false)
+                self.redial(&used, false)
             }
-            Err(_) if self.inner.config.sentinel.is_some() => self.redial(false),
+            Err(_) if self.inner.config.sentinel.is_some() => self.redial(&used, false),
             _ => {}
         }
         if !guarded {
@@ -950,12 +1085,13 @@ impl RedisStore {
                 // loading, read-only (a demoted primary), or a cluster that is down or
                 // mid-failover is one.
                 use redis::ServerErrorKind as K;
-                let outage = matches!(
-                    err.kind(),
-                    redis::ErrorKind::Server(
-                        K::BusyLoading | K::ReadOnly | K::MasterDown | K::ClusterDown | K::TryAgain
-                    )
-                );
+                let outage = read_only(&err)
+                    || matches!(
+                        err.kind(),
+                        redis::ErrorKind::Server(
+                            K::BusyLoading | K::MasterDown | K::ClusterDown | K::TryAgain
+                        )
+                    );
                 if outage || !matches!(err.kind(), redis::ErrorKind::Server(_)) || err.is_io_error()
                 {
                     breaker.failure();
@@ -1038,6 +1174,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn read_only_is_recognised_also_inside_a_script_error() {
+        let error = |resp: &[u8]| {
+            redis::parse_redis_value(resp)
+                .unwrap()
+                .extract_error()
+                .unwrap_err()
+        };
+        assert!(read_only(&error(
+            b"-READONLY You can't write against a read only replica.\r\n"
+        )));
+        // Redis 6: the error of a write inside a script.
+        assert!(read_only(&error(
+            b"-ERR Error running script (call to f_0): @user_script:2: @user_script: 2: -READONLY You can't write against a read only replica.\r\n"
+        )));
+        assert!(!read_only(&error(b"-ERR wrong number of arguments\r\n")));
+        assert!(!read_only(&error(b"-NOSCRIPT No matching script\r\n")));
+    }
+
+    #[test]
     fn sentinel_urls_name_the_sentinels_and_the_master() {
         let c =
             RedisConfig::from_list("redis+sentinel://:p%40ss@s1:26379,s2:26380/orders").unwrap();
@@ -1047,6 +1202,11 @@ mod tests {
         assert_eq!(master.name, "orders");
         assert_eq!(master.username, None);
         assert_eq!(master.password.as_deref(), Some("p@ss"));
+        let c = RedisConfig::from_list("redis+sentinel://:se/cret@s1:26379/m").unwrap();
+        assert_eq!(
+            c.sentinel.as_ref().unwrap().password.as_deref(),
+            Some("se/cret")
+        );
         let c = RedisConfig::from_list("rediss+sentinel://app:pw@s1:26379/m/").unwrap();
         assert_eq!(c.nodes(), ["rediss://s1:26379/"]);
         let master = c.sentinel.as_ref().unwrap();
@@ -1059,9 +1219,14 @@ mod tests {
             "redis+sentinel://s1:26379/",
             "redis+sentinel:///m",
             "redis+sentinel://:%zz@s1/m",
+            "redis+sentinel://:%+4@s1/m",
+            "redis+sentinel://:se/cret@s1:26379",
         ] {
             let error = RedisConfig::from_list(bad).expect_err(bad).to_string();
-            assert!(!error.contains("%zz"), "{error}");
+            assert!(
+                !error.contains("%zz") && !error.contains("%+4") && !error.contains("cret"),
+                "{error}"
+            );
         }
     }
 
@@ -1069,7 +1234,17 @@ mod tests {
     fn debug_output_hides_credentials() {
         assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://***@h:6379/0");
         assert_eq!(redact_url("rediss://u:p@s@h/"), "rediss://***@h/");
-        assert_eq!(redact_url("redis://h:1/?x=a@b"), "redis://h:1/?x=a@b");
+        assert_eq!(redact_url("redis://h:1/?x=a@b"), "redis://***@b");
+        assert_eq!(redact_url("redis://:se/cret@h:1/0"), "redis://***@h:1/0");
+        assert_eq!(redact_url("redis://:a#b@h/"), "redis://***@h/");
+        assert_eq!(
+            redact_url("redis+unix:///s.sock?db=1&pass=secret"),
+            "redis+unix:///s.sock?db=1&pass=***"
+        );
+        assert_eq!(
+            redact_url("redis+sentinel://:se/cret@s1:26379/m"),
+            "redis+sentinel://***@s1:26379/m"
+        );
         assert_eq!(redact_url("u:p@h:1"), "***@h:1");
         assert_eq!(redact_url("redis://h:1"), "redis://h:1");
         let shown = format!("{:?}", RedisConfig::single("redis://app:s3cret@h:1/"));

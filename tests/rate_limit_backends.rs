@@ -1035,6 +1035,26 @@ async fn sentinel_slowness_opens_no_new_connections() {
     );
 }
 
+/// A Sentinel with a wrong view (cut off from the others, or here set up to watch the
+/// replica) names a node that is not a master: the store checks the node's `ROLE` and asks
+/// the next Sentinel instead of sending every write to a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_naming_a_replica_is_passed_over() {
+    let (master, replica, good) = support::Sentinel::with_pair("orders");
+    let stale = support::Sentinel::start("orders", &replica);
+    assert_eq!(stale.master_port("orders"), replica.port());
+    let store = connect(
+        RedisConfig::sentinel("orders", [stale.url(), good.url()])
+            .timeout(Duration::from_millis(200)),
+    )
+    .await;
+    let svc = Store::Redis(store.clone(), FailurePolicy::Closed)
+        .service(builder("stale").policy("p", Quota::requests_per(1000, Duration::from_secs(60))));
+    assert_eq!(send(&svc, "k", &[]).await.status, StatusCode::OK);
+    let key = store.key("rl:stale", &"k");
+    assert_eq!(master.command(&["EXISTS", &key]), "1");
+}
+
 /// A Sentinel that knows no such master is a configuration error at connect, named.
 #[tokio::test]
 async fn an_unknown_sentinel_master_is_refused_at_connect() {
