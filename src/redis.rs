@@ -652,6 +652,7 @@ impl fmt::Debug for RedisStore {
 async fn connect_cluster(config: &RedisConfig) -> Result<Conn, StoreError> {
     let client = config
         .cluster_client()
+        .tcp_settings(tcp_settings(config))
         .connection_timeout(config.connect_timeout)
         .response_timeout(config.connect_timeout)
         .retries(2)
@@ -795,6 +796,20 @@ async fn is_master(conn: &ConnectionManager, limit: Duration) -> bool {
     }
 }
 
+/// The TCP settings of the store's connections: `TCP_NODELAY` (redis-rs leaves Nagle's
+/// algorithm on, which holds a command back while another is unanswered on the same
+/// multiplexed connection), and on Linux `TCP_USER_TIMEOUT` (see [`connect_single`]).
+fn tcp_settings(config: &RedisConfig) -> redis::io::tcp::TcpSettings {
+    let settings = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let settings = settings.set_user_timeout(
+        (config.timeout * 20).clamp(Duration::from_secs(2), Duration::from_secs(30)),
+    );
+    #[cfg(not(any(target_os = "android", target_os = "fuchsia", target_os = "linux")))]
+    let _ = config;
+    settings
+}
+
 async fn connect_single(
     config: &RedisConfig,
     info: redis::ConnectionInfo,
@@ -804,10 +819,7 @@ async fn connect_single(
     // up retransmitting, minutes later: every call in between times out and the manager
     // never learns it should reconnect. Unacknowledged data for a few seconds now ends
     // the connection, and the manager opens another.
-    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-    let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_user_timeout(
-        (config.timeout * 20).clamp(Duration::from_secs(2), Duration::from_secs(30)),
-    ));
+    let info = info.set_tcp_settings(tcp_settings(config));
     let client = config.client_for(info)?;
     let manager_config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
