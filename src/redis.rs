@@ -369,6 +369,8 @@ impl RedisConfig {
     }
 
     fn client_for(&self, info: redis::ConnectionInfo) -> Result<redis::Client, redis::RedisError> {
+        let info = info.set_tcp_settings(tcp_settings(self));
+
         #[cfg(feature = "redis-tls")]
         if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
             tls_provider();
@@ -383,7 +385,8 @@ impl RedisConfig {
     /// certificates when they are `rediss://` URLs.
     pub(crate) fn cluster_client(&self) -> redis::cluster::ClusterClientBuilder {
         #[allow(unused_mut)]
-        let mut builder = redis::cluster::ClusterClientBuilder::new(self.nodes.clone());
+        let mut builder = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
+            .tcp_settings(tcp_settings(self));
         #[cfg(feature = "redis-tls")]
         if self.nodes.iter().any(|n| {
             redis::IntoConnectionInfo::into_connection_info(n.as_str())
@@ -652,7 +655,6 @@ impl fmt::Debug for RedisStore {
 async fn connect_cluster(config: &RedisConfig) -> Result<Conn, StoreError> {
     let client = config
         .cluster_client()
-        .tcp_settings(tcp_settings(config))
         .connection_timeout(config.connect_timeout)
         .response_timeout(config.connect_timeout)
         .retries(2)
@@ -796,11 +798,21 @@ async fn is_master(conn: &ConnectionManager, limit: Duration) -> bool {
     }
 }
 
-/// The TCP settings of the store's connections: `TCP_NODELAY` (redis-rs leaves Nagle's
-/// algorithm on, which holds a command back while another is unanswered on the same
-/// multiplexed connection), and on Linux `TCP_USER_TIMEOUT` (see [`connect_single`]).
+/// The TCP settings of every connection the crate opens: `TCP_NODELAY` (redis-rs leaves
+/// Nagle's algorithm on, which holds a command back while another is unanswered on the
+/// same multiplexed connection); keepalive probes after 30 s idle, so that an idle
+/// connection (a pub/sub subscription waiting for releases or purges) notices a peer that
+/// vanished without a reset instead of waiting for ever; and on Linux `TCP_USER_TIMEOUT`
+/// (see [`connect_single`]), which also bounds the probes.
 fn tcp_settings(config: &RedisConfig) -> redis::io::tcp::TcpSettings {
-    let settings = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(5));
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let keepalive = keepalive.with_retries(3);
+    let settings = redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive);
     #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
     let settings = settings.set_user_timeout(
         (config.timeout * 20).clamp(Duration::from_secs(2), Duration::from_secs(30)),
@@ -818,8 +830,8 @@ async fn connect_single(
     // another address, a dropped NAT entry) would otherwise be kept until the kernel gave
     // up retransmitting, minutes later: every call in between times out and the manager
     // never learns it should reconnect. Unacknowledged data for a few seconds now ends
-    // the connection, and the manager opens another.
-    let info = info.set_tcp_settings(tcp_settings(config));
+    // the connection (`client_for` applies [`tcp_settings`]), and the manager opens
+    // another.
     let client = config.client_for(info)?;
     let manager_config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))

@@ -1253,3 +1253,41 @@ async fn sentinel_locks_and_notifications_are_on_the_master() {
     held.release().await.unwrap();
     assert!(waiter.await.unwrap().unwrap() > first);
 }
+
+/// Every connection the crate opens to Redis has TCP keepalive on (idle 30 s, then
+/// probes): an idle subscription, waiting for a release, notices a peer that vanished
+/// without a reset instead of waiting for ever. Read from the kernel with `ss`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_keep_tcp_keepalive_on() {
+    let server = RedisServer::start();
+    let locks = LockManager::redis(store(&server).await);
+    let held = locks.acquire("k", Duration::from_secs(1)).await.unwrap();
+    let waiting = locks.clone();
+    let waiter = tokio::spawn(async move { waiting.acquire("k", Duration::from_secs(5)).await });
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while server
+        .command(&["PUBSUB", "NUMSUB", "battlement:lock:{k}:released"])
+        .lines()
+        .nth(1)
+        != Some("1")
+    {
+        assert!(Instant::now() < deadline, "the waiter never subscribed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let filter = format!("( dport = :{} )", server.port());
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", &filter])
+        .output()
+        .expect("run ss (iproute2) to read the sockets' options");
+    let sockets = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = sockets.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines.len() >= 2,
+        "the store's and the subscription's connections: {sockets}"
+    );
+    for line in &lines {
+        assert!(line.contains("timer:(keepalive"), "no keepalive: {line}");
+    }
+    held.release().await.unwrap();
+    waiter.await.unwrap().unwrap().release().await.unwrap();
+}
