@@ -100,6 +100,12 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
+/// Whether `info` is a `rediss://` (TLS) address: decided from the parsed URL, whatever
+/// the case of its scheme.
+fn is_tls(info: &redis::ConnectionInfo) -> bool {
+    matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. })
+}
+
 /// `%XX` escapes decoded (as in a URL's password); `None` for a bad escape or bytes that are
 /// not UTF-8.
 fn percent_decode(text: &str) -> Option<String> {
@@ -330,12 +336,7 @@ impl RedisConfig {
     #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
     #[must_use]
     pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.tls
-            .get_or_insert(redis::TlsCertificates {
-                client_tls: None,
-                root_cert: None,
-            })
-            .root_cert = Some(pem.into());
+        self.tls_mut().root_cert = Some(pem.into());
         self
     }
 
@@ -349,16 +350,19 @@ impl RedisConfig {
         certificate_pem: impl Into<Vec<u8>>,
         key_pem: impl Into<Vec<u8>>,
     ) -> Self {
-        self.tls
-            .get_or_insert(redis::TlsCertificates {
-                client_tls: None,
-                root_cert: None,
-            })
-            .client_tls = Some(redis::ClientTlsConfig {
+        self.tls_mut().client_tls = Some(redis::ClientTlsConfig {
             client_cert: certificate_pem.into(),
             client_key: key_pem.into(),
         });
         self
+    }
+
+    #[cfg(feature = "redis-tls")]
+    fn tls_mut(&mut self) -> &mut redis::TlsCertificates {
+        self.tls.get_or_insert(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: None,
+        })
     }
 
     /// A redis-rs client for node `url`, with this configuration's certificates when it is
@@ -372,7 +376,7 @@ impl RedisConfig {
         let info = info.set_tcp_settings(tcp_settings(self));
 
         #[cfg(feature = "redis-tls")]
-        if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+        if is_tls(&info) {
             tls_provider();
             if let Some(certs) = &self.tls {
                 return redis::Client::build_with_tls(info, certs.clone());
@@ -389,8 +393,7 @@ impl RedisConfig {
             .tcp_settings(tcp_settings(self));
         #[cfg(feature = "redis-tls")]
         if self.nodes.iter().any(|n| {
-            redis::IntoConnectionInfo::into_connection_info(n.as_str())
-                .is_ok_and(|info| matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }))
+            redis::IntoConnectionInfo::into_connection_info(n.as_str()).is_ok_and(|i| is_tls(&i))
         }) {
             tls_provider();
             if let Some(certs) = &self.tls {
@@ -738,7 +741,7 @@ async fn ask_sentinel(
 ) -> Result<redis::ConnectionInfo, StoreError> {
     let url = &config.nodes[index];
     let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())?;
-    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    let tls = is_tls(&info);
     let asked = async {
         let mut conn = config
             .client_for(info)?
@@ -779,8 +782,7 @@ async fn ask_sentinel(
     if let Some(password) = &master.password {
         settings = settings.set_password(password);
     }
-    let base = redis::IntoConnectionInfo::into_connection_info("redis://127.0.0.1/")?;
-    Ok(base.set_addr(addr).set_redis_settings(settings))
+    Ok(redis::IntoConnectionInfo::into_connection_info(addr)?.set_redis_settings(settings))
 }
 
 /// Whether the node behind `conn` says it is a master (`ROLE`). A node that cannot be
@@ -875,27 +877,27 @@ impl RedisStore {
         let mut sentinel = 0;
         let conn = if config.cluster {
             connect_cluster(&config).await?
-        } else if config.sentinel.is_some() {
-            let dialled = dial(&config, 0, false).await?;
-            node = Some(dialled.node);
-            sentinel = dialled.sentinel;
-            Conn::Single(dialled.conn)
         } else {
             let dialled = dial(&config, 0, false).await?;
             node = Some(dialled.node);
+            sentinel = dialled.sentinel;
             let single = dialled.conn;
             // One URL that names a node of a Redis Cluster: the whole cluster, seeded from
             // it (as a single node, every key in another node's slots would be refused
-            // with MOVED).
+            // with MOVED). A Sentinel names no cluster node.
             let mut probe = single.clone();
-            let info = tokio::time::timeout(
-                config.connect_timeout,
-                redis::cmd("INFO")
-                    .arg("cluster")
-                    .query_async::<String>(&mut probe),
-            )
-            .await;
-            if matches!(&info, Ok(Ok(text)) if text.contains("cluster_enabled:1")) {
+            let info = match config.sentinel {
+                Some(_) => None,
+                None => tokio::time::timeout(
+                    config.connect_timeout,
+                    redis::cmd("INFO")
+                        .arg("cluster")
+                        .query_async::<String>(&mut probe),
+                )
+                .await
+                .ok(),
+            };
+            if matches!(&info, Some(Ok(text)) if text.contains("cluster_enabled:1")) {
                 config.cluster = true;
                 node = None;
                 connect_cluster(&config).await?
@@ -992,12 +994,12 @@ impl RedisStore {
         let weak = Arc::downgrade(inner);
         runtime.spawn(async move {
             let _done = Done(weak.clone());
-            let Some(config) = weak.upgrade().map(|inner| inner.config.clone()) else {
+            let Some((config, start)) = weak.upgrade().map(|inner| {
+                let start = inner.sentinel.load(Ordering::Acquire);
+                (inner.config.clone(), start)
+            }) else {
                 return;
             };
-            let start = weak
-                .upgrade()
-                .map_or(0, |inner| inner.sentinel.load(Ordering::Acquire));
             // An unreachable master that the Sentinels still name: redis-rs reconnects to
             // it by itself; a new connection would only add one more to retry.
             if !demoted && let Some(master) = &config.sentinel {
